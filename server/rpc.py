@@ -1,0 +1,158 @@
+"""The block server's RPC handlers: parse and validate requests, call the backend, translate errors once.
+
+Every failure a peer can cause becomes a structured ``ErrorPayload`` in the response; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from hivemind.p2p import P2PContext
+from hivemind.proto import runtime_pb2
+
+from server.backend import SpanBackend
+from server.sessions import Session, SessionRegistry
+from server.settings import ServerSettings
+from server.validation import check_hidden, check_span, decode_tensors
+from swarm.errors import BadRequestError, ErrorPayload, SessionError, SwarmError
+from swarm.messages import ForwardRequest, InferenceStep, OpenSession, RpcResult, ServerInfoResult, StepResult
+from swarm.tensors import encode
+
+logger = logging.getLogger(__name__)
+
+_INTERNAL = ErrorPayload(code="internal_error", message="the server failed to process the request", retryable=True)
+
+
+@dataclass
+class ServingState:
+    """What handlers need to know about the server they run in."""
+
+    model_id: str
+    start: int
+    end: int
+    hidden_size: int
+    max_length: int
+    accepting: bool = True
+    version: str = ""
+
+
+class BlockHandler:
+    """Implements swarm.service.BlockService; registered with ``add_p2p_handlers(p2p, wrapper=handler)``."""
+
+    def __init__(self, state: ServingState, backend: SpanBackend, sessions: SessionRegistry, settings: ServerSettings):
+        self.state = state
+        self.backend = backend
+        self.sessions = sessions
+        self.settings = settings
+
+    # --- inference -------------------------------------------------------------------------------------------
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        peer = str(context.remote_id)
+        session: Session | None = None
+        try:
+            while True:
+                try:
+                    request = await asyncio.wait_for(anext(requests), self.settings.session_idle_timeout_s)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    yield _step_error(SessionError("session closed: idle for too long").to_payload())
+                    return
+                try:
+                    step = InferenceStep.decode(request.metadata)
+                    if session is None:
+                        session = self._open(step.open, peer)
+                    response = await self._step(session, step, request)
+                except SwarmError as e:
+                    logger.info("inference from %s refused: %s", peer[-8:], e)
+                    yield _step_error(e.to_payload())
+                    return
+                except Exception:
+                    logger.exception("inference step from %s failed", peer[-8:])
+                    yield _step_error(_INTERNAL)
+                    return
+                yield response
+        finally:
+            if session is not None:
+                self.sessions.close(session)
+
+    def _open(self, open_msg: OpenSession | None, peer: str) -> Session:
+        if open_msg is None:
+            raise SessionError("the first message of an inference stream must open a session")
+        self._check_span_request(open_msg)
+        if not self.state.accepting:
+            raise SessionError("server is shutting down and takes no new sessions")
+        if open_msg.max_length > self.state.max_length:
+            raise BadRequestError(f"max_length {open_msg.max_length} exceeds this server's limit {self.state.max_length}")
+        if open_msg.batch_size * open_msg.max_length > self.settings.max_session_length * 4:
+            raise BadRequestError(f"batch {open_msg.batch_size} x length {open_msg.max_length} is too large")
+        return self.sessions.open(
+            open_msg.session_id, peer, open_msg.start, open_msg.end, open_msg.batch_size, open_msg.max_length
+        )
+
+    async def _step(self, session: Session, step: InferenceStep, request) -> runtime_pb2.ExpertResponse:
+        (hidden,) = decode_tensors(request.tensors, 1)
+        check_hidden(hidden, self.state.hidden_size, self.settings.max_step_tokens, session.batch_size)
+        if step.position > session.length:
+            raise BadRequestError(f"step position {step.position} is past the session's length {session.length}")
+        if step.position + hidden.shape[1] > session.max_length:
+            raise BadRequestError(
+                f"step reaches {step.position + hidden.shape[1]} tokens, over the session's max_length {session.max_length}"
+            )
+        out = await self.backend.inference_step(session, hidden, step.position)
+        result = StepResult(step_id=step.step_id, position=session.length)
+        return runtime_pb2.ExpertResponse(tensors=[encode(out)], metadata=result.encode())
+
+    # --- stateless ---------------------------------------------------------------------------------------------
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._unary(request, context, expected_tensors=1)
+
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._unary(request, context, expected_tensors=2)
+
+    async def _unary(self, request, context: P2PContext, expected_tensors: int) -> runtime_pb2.ExpertResponse:
+        try:
+            meta = ForwardRequest.decode(request.metadata)
+            self._check_span_request(meta)
+            tensors = decode_tensors(request.tensors, expected_tensors)
+            for tensor in tensors:
+                check_hidden(tensor, self.state.hidden_size, self.settings.max_step_tokens)
+            if expected_tensors == 1:
+                out = await self.backend.forward(tensors[0], meta.start, meta.end)
+            else:
+                if tensors[0].shape != tensors[1].shape:
+                    raise BadRequestError("grad_output must have the shape of the hidden states")
+                out = await self.backend.backward(tensors[0], tensors[1], meta.start, meta.end)
+            return runtime_pb2.ExpertResponse(tensors=[encode(out)], metadata=RpcResult().encode())
+        except SwarmError as e:
+            logger.info("request from %s refused: %s", str(context.remote_id)[-8:], e)
+            return runtime_pb2.ExpertResponse(metadata=RpcResult(error=e.to_payload()).encode())
+        except Exception:
+            logger.exception("request from %s failed", str(context.remote_id)[-8:])
+            return runtime_pb2.ExpertResponse(metadata=RpcResult(error=_INTERNAL).encode())
+
+    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        info = ServerInfoResult(
+            version=self.state.version,
+            model_id=self.state.model_id,
+            start=self.state.start,
+            end=self.state.end,
+            cache_tokens_left=self.sessions.tokens_left(self.state.end - self.state.start),
+            active_sessions=len(self.sessions.sessions),
+        )
+        return runtime_pb2.ExpertResponse(metadata=info.encode())
+
+    def _check_span_request(self, meta: ForwardRequest | OpenSession) -> None:
+        meta.check_version()
+        if meta.model_id != self.state.model_id:
+            raise BadRequestError(f"this server serves {self.state.model_id!r}, not {meta.model_id!r}")
+        check_span(meta.start, meta.end, self.state.start, self.state.end)
+
+
+def _step_error(payload: ErrorPayload) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(metadata=StepResult(error=payload).encode())

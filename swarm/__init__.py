@@ -1,0 +1,21 @@
+"""The swarm contract: everything that block servers, clients and the gateway agree on.
+
+Layers, bottom up:
+  ids        -- NewType ids and the uid grammar for model spans
+  errors     -- the one error tree (codes travel on the wire; ``retryable`` drives failover)
+  config     -- ModelSpec: the family-agnostic shape of a model, read from a Hugging Face config
+  weights    -- model references -> local safetensors folders; loading only the tensors asked for
+  head       -- the client-side pieces of a model (embeddings, final norm, LM head), pure torch
+  sampling   -- pure token-sampling functions shared by the HF-style API and the gateway
+  tensors    -- the one tensor codec (hivemind's serializer)
+  messages   -- RPC metadata models with a protocol version
+  records    -- DHT records (server announcements), decoded tolerantly
+  routing    -- pure choice of a chain of servers that covers every block
+  dht        -- announce / look up records in a hivemind DHT
+  client     -- async inference sessions and forward passes over a route
+  model      -- AutoDistributedModelForCausalLM, a Hugging Face style front end
+
+The package imports no web framework; ``gateway`` and ``server`` both depend on it, never on each other.
+"""
+
+PROTOCOL_VERSION = 1

@@ -1,0 +1,149 @@
+"""Async client: inference sessions and forward passes over a chain of servers that covers a model.
+
+    client = await SwarmClient.create(ClientConfig(initial_peers=[...]))
+    await client.model_coverage(model_id)            -> ModelCoverage (is it fully served? which blocks miss?)
+    async with client.inference_session(model_id, max_length=L, batch_size=B) as session:
+        out = await session.step(hidden)             # hidden: [B, S, D] embeddings -> [B, S, D] after last block
+    out = await client.forward(model_id, hidden)     # stateless forward over all blocks
+    await client.shutdown()
+
+All coroutines must run on the loop that created the client (hivemind's P2P replica is bound to it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
+
+from swarm.dht import fetch_coverage, fetch_models
+from swarm.errors import MissingBlocksError, ModelNotFoundError, PeerUnreachableError, SwarmError
+from swarm.records import ModelCoverage
+from swarm.routing import Hop, choose_route
+from swarm.session import InferenceSession
+from swarm.span_call import call_forward
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientConfig:
+    initial_peers: list[str]
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    step_timeout_s: float = 30.0
+    """How long one step on one server may take before the server is considered dead."""
+    connect_timeout_s: float = 10.0
+    coverage_ttl_s: float = 2.0
+    """Coverage lookups are cached this long (routing reads them for every new session)."""
+    max_retries: int = 5
+    """Failovers allowed within one session step before the error reaches the caller."""
+    ban_s: float = 15.0
+    """How long a failed server is avoided; doubles on each repeated failure."""
+    route_jitter: float = 0.1
+
+
+class BanList:
+    """Peers to avoid for a while after they failed, with exponential backoff."""
+
+    def __init__(self, base_s: float):
+        self._base_s = base_s
+        self._until: dict[str, float] = {}
+        self._strikes: dict[str, int] = {}
+
+    def ban(self, peer_id: str) -> None:
+        strikes = self._strikes.get(peer_id, 0) + 1
+        self._strikes[peer_id] = strikes
+        self._until[peer_id] = time.monotonic() + self._base_s * 2 ** (strikes - 1)
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        return {peer for peer, until in self._until.items() if until > now}
+
+
+class SwarmClient:
+    def __init__(self, config: ClientConfig, dht: DHT, p2p: P2P, owns_dht: bool):
+        self.config = config
+        self.dht = dht
+        self.p2p = p2p
+        self.bans = BanList(config.ban_s)
+        self._owns_dht = owns_dht
+        self._coverage: dict[str, tuple[float, ModelCoverage]] = {}
+
+    @classmethod
+    async def create(cls, config: ClientConfig, dht: DHT | None = None) -> SwarmClient:
+        owns_dht = dht is None
+        if dht is None:
+            dht = await asyncio.to_thread(
+                DHT,
+                initial_peers=config.initial_peers,
+                client_mode=True,
+                host_maddrs=config.host_maddrs,
+                start=True,
+            )
+        p2p = await dht.replicate_p2p()
+        return cls(config, dht, p2p, owns_dht)
+
+    async def served_models(self) -> dict[str, ModelCoverage]:
+        models = await fetch_models(self.dht)
+        return {mid: await self.model_coverage(mid, fresh=True) for mid in models}
+
+    async def model_coverage(self, model_id: str, fresh: bool = False) -> ModelCoverage:
+        cached = self._coverage.get(model_id)
+        if cached and not fresh and time.monotonic() - cached[0] < self.config.coverage_ttl_s:
+            return cached[1]
+        coverage = await fetch_coverage(self.dht, model_id)
+        self._coverage[model_id] = (time.monotonic(), coverage)
+        return coverage
+
+    async def route(self, model_id: str, start: int = 0, end: int | None = None, fresh: bool = False) -> list[Hop]:
+        coverage = await self.model_coverage(model_id, fresh=fresh)
+        if coverage.num_blocks == 0:
+            raise ModelNotFoundError(f"no server announces model {model_id!r}")
+        try:
+            return choose_route(coverage, start, end, banned=self.bans.banned(), jitter=self.config.route_jitter)
+        except MissingBlocksError:
+            if fresh:
+                raise
+        return await self.route(model_id, start, end, fresh=True)
+
+    def inference_session(self, model_id: str, max_length: int, batch_size: int = 1) -> InferenceSession:
+        return InferenceSession(self, model_id, max_length=max_length, batch_size=batch_size)
+
+    def peer(self, peer_id: str) -> PeerID:
+        return PeerID.from_base58(peer_id)
+
+    async def forward(self, model_id: str, hidden: torch.Tensor) -> torch.Tensor:
+        """Stateless forward of ``hidden`` [B, S, D] through every block, failing over per span."""
+        coverage = await self.model_coverage(model_id)
+        return await self.forward_span(model_id, hidden, 0, coverage.num_blocks)
+
+    async def forward_span(self, model_id: str, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        position = start
+        attempts = 0
+        while position < end:
+            route = await self.route(model_id, position, end)
+            for hop in route:
+                try:
+                    hidden = await call_forward(self, model_id, hop, hidden)
+                except SwarmError as e:
+                    attempts += 1
+                    if not e.retryable or attempts > self.config.max_retries:
+                        raise
+                    logger.warning("forward on peer %s blocks %d:%d failed (%s); rerouting", hop.peer_id,
+                                   hop.start, hop.end, e)
+                    self.bans.ban(hop.peer_id)
+                    break
+                position = hop.end
+        return hidden
+
+    async def shutdown(self) -> None:
+        if self._owns_dht:
+            await asyncio.to_thread(self.dht.shutdown)
+
+
+__all__ = ["ClientConfig", "SwarmClient", "InferenceSession", "PeerUnreachableError"]

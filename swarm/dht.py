@@ -1,0 +1,90 @@
+"""Announce and look up swarm records in a hivemind DHT.
+
+Functions passed to ``DHT.run_coroutine`` execute inside the DHT's own process, so they are module-level
+(picklable) and return plain data; decoding into records happens here, in the caller's process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any
+
+from hivemind.dht import DHT, DHTNode
+from hivemind.utils import get_dht_time
+
+from swarm.ids import MODEL_REGISTRY_KEY, ModelId, block_key
+from swarm.records import ModelCoverage, ModelRecord, RemoteServer, ServerRecord
+
+
+async def announce(
+    dht: DHT,
+    peer_id: str,
+    record: ServerRecord,
+    model_record: ModelRecord,
+    expiration_s: float,
+) -> bool:
+    """Store ``record`` under every hosted block's key (subkey: our peer id), and the model's own record."""
+    keys = [block_key(ModelId(record.model_id), i) for i in range(record.start, record.end)]
+    values: list[Any] = [record.to_wire()] * len(keys)
+    subkeys = [peer_id] * len(keys)
+    keys.append(MODEL_REGISTRY_KEY)
+    values.append(model_record.model_dump(mode="json"))
+    subkeys.append(record.model_id)
+    expiration = get_dht_time() + expiration_s
+    results = await _await(dht, partial(_store_many, keys, values, subkeys, expiration))
+    return all(results.values())
+
+
+async def fetch_coverage(dht: DHT, model_id: str, num_blocks: int | None = None) -> ModelCoverage:
+    """Read who serves which blocks of ``model_id``; ``num_blocks`` is looked up in the registry if not given."""
+    if num_blocks is None:
+        models = await fetch_models(dht)
+        if model_id not in models:
+            return ModelCoverage(model_id=model_id, num_blocks=0)
+        num_blocks = models[model_id].num_blocks
+    keys = [block_key(ModelId(model_id), i) for i in range(num_blocks)]
+    raw = await _await(dht, partial(_get_many, keys))
+    servers: dict[str, RemoteServer] = {}
+    covered = [False] * num_blocks
+    for key in keys:
+        for peer_id, value in (raw.get(key) or {}).items():
+            record = ServerRecord.from_wire(value)
+            if record is None or record.model_id != model_id or record.end > num_blocks:
+                continue
+            if record.state.value == "online":
+                for i in range(record.start, record.end):
+                    covered[i] = True
+            servers.setdefault(peer_id, RemoteServer(peer_id=peer_id, record=record))
+    missing = [i for i, ok in enumerate(covered) if not ok]
+    return ModelCoverage(model_id=model_id, num_blocks=num_blocks, servers=list(servers.values()), missing=missing)
+
+
+async def fetch_models(dht: DHT) -> dict[str, ModelRecord]:
+    raw = await _await(dht, partial(_get_many, [MODEL_REGISTRY_KEY]))
+    models: dict[str, ModelRecord] = {}
+    for model_id, value in (raw.get(MODEL_REGISTRY_KEY) or {}).items():
+        try:
+            models[model_id] = ModelRecord.model_validate(value)
+        except ValueError:
+            continue
+    return models
+
+
+async def _await(dht: DHT, coro) -> Any:
+    return await asyncio.wrap_future(dht.run_coroutine(coro, return_future=True))
+
+
+async def _store_many(keys, values, subkeys, expiration, _dht: DHT, node: DHTNode) -> dict[str, bool]:
+    return await node.store_many(keys, values, expiration, subkeys=subkeys)
+
+
+async def _get_many(keys, _dht: DHT, node: DHTNode) -> dict[str, dict[str, Any]]:
+    """Latest values of dictionary keys as {key: {subkey: value}}, dropping expiration info."""
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
+    result: dict[str, dict[str, Any]] = {}
+    for key, item in found.items():
+        if item is None or not isinstance(item.value, dict):
+            continue
+        result[key] = {str(sub): v.value for sub, v in item.value.items() if hasattr(v, "value")}
+    return result

@@ -1,0 +1,84 @@
+"""RPC metadata: pydantic models carried as JSON in hivemind's ExpertRequest/ExpertResponse.metadata.
+
+Inference is a bidirectional stream. Every request carries one step (hidden states for positions
+[position, position + S)); the first request also carries ``open``. Every response carries the span's output
+for that step, or an ``error`` after which the server closes the stream.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from swarm import PROTOCOL_VERSION
+from swarm.errors import BadRequestError, ErrorPayload, ProtocolMismatchError
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes):
+        try:
+            return cls.model_validate_json(raw or b"{}")
+        except ValidationError as e:
+            raise BadRequestError(f"malformed {cls.__name__}: {e.errors(include_url=False)}") from None
+
+
+class SpanRequest(_Message):
+    """Which blocks of which model a request is for."""
+
+    protocol_version: int = PROTOCOL_VERSION
+    model_id: str
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+
+    def check_version(self) -> None:
+        if self.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolMismatchError(
+                f"client speaks protocol {self.protocol_version}, this server speaks {PROTOCOL_VERSION}"
+            )
+
+
+class OpenSession(SpanRequest):
+    session_id: str = Field(min_length=1, max_length=64)
+    max_length: int = Field(gt=0)
+    batch_size: int = Field(default=1, gt=0)
+
+
+class InferenceStep(_Message):
+    """One step of an inference stream; tensors: [hidden [B, S, D]]."""
+
+    open: OpenSession | None = None
+    position: int = Field(ge=0, description="position of the first token of this step in the session")
+    step_id: int = 0
+
+
+class StepResult(_Message):
+    """Server's answer to a step; tensors: [hidden [B, S, D]] unless ``error`` is set."""
+
+    step_id: int = 0
+    position: int = 0
+    error: ErrorPayload | None = None
+
+
+class ForwardRequest(SpanRequest):
+    """Stateless forward; tensors: [hidden [B, S, D]]. For backward, tensors: [hidden, grad_output]."""
+
+
+class RpcResult(_Message):
+    error: ErrorPayload | None = None
+
+
+class ServerInfoResult(_Message):
+    """Answer to rpc_info: the server's own view of itself (also a cheap latency probe)."""
+
+    protocol_version: int = PROTOCOL_VERSION
+    version: str = ""
+    model_id: str = ""
+    start: int = 0
+    end: int = 0
+    cache_tokens_left: int = 0
+    active_sessions: int = 0

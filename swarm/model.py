@@ -1,0 +1,159 @@
+"""Hugging Face style front end: embeddings and head run locally, every transformer block runs in the swarm.
+
+    model = AutoDistributedModelForCausalLM.from_pretrained("smollm2-135m-instruct", initial_peers=[...])
+    logits = model(input_ids).logits
+    tokens = model.generate(input_ids, max_new_tokens=32)
+    with model.inference_session(max_length=64) as session: ...
+
+The synchronous API drives the async ``SwarmClient`` on a private event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from swarm.client import ClientConfig, SwarmClient
+from swarm.head import ModelHead
+from swarm.sampling import SamplingParams, sample
+from swarm.session import InferenceSession
+from swarm.weights import ResolvedModel, resolve_model
+
+T = TypeVar("T")
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "petals-next"
+
+
+class _LoopThread:
+    """A daemon thread running one asyncio loop; ``run`` executes a coroutine there and waits for it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-client-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+
+
+class SyncInferenceSession:
+    """Blocking wrapper over ``swarm.session.InferenceSession`` for step-by-step use."""
+
+    def __init__(self, model: AutoDistributedModelForCausalLM, session: InferenceSession):
+        self._model = model
+        self.session = session
+
+    @property
+    def position(self) -> int:
+        return self.session.position
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._model._loop.run(self.session.step(hidden))
+
+    def close(self) -> None:
+        self._model._loop.run(self.session.close())
+
+    def __enter__(self) -> SyncInferenceSession:
+        self._model._loop.run(self.session.open())
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class AutoDistributedModelForCausalLM(torch.nn.Module):
+    def __init__(self, resolved: ResolvedModel, head: ModelHead, client: SwarmClient, loop: _LoopThread):
+        super().__init__()
+        self.resolved = resolved
+        self.config = resolved.spec
+        self.head = head
+        self.client = client
+        self._loop = loop
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        ref: str,
+        initial_peers: Sequence[str],
+        *,
+        model_id: str | None = None,
+        cache_dir: Path | None = None,
+        dtype: torch.dtype = torch.float32,
+        client_config: ClientConfig | None = None,
+    ) -> AutoDistributedModelForCausalLM:
+        resolved = resolve_model(ref, cache_dir or DEFAULT_CACHE_DIR, model_id)
+        head = ModelHead.load(resolved, dtype, "cpu")
+        loop = _LoopThread()
+        config = client_config or ClientConfig(initial_peers=list(initial_peers))
+        client = loop.run(SwarmClient.create(config))
+        return cls(resolved, head, client, loop)
+
+    @property
+    def model_id(self) -> str:
+        return self.resolved.model_id
+
+    def forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
+        """Full-sequence forward (no cache): input_ids [B, S] -> logits [B, S, V]."""
+        hidden = self.head.embed(input_ids)
+        hidden = self._loop.run(self.client.forward(self.model_id, hidden))
+        return CausalLMOutput(logits=self.head.logits(hidden))
+
+    def inference_session(self, max_length: int, batch_size: int = 1) -> SyncInferenceSession:
+        session = self.client.inference_session(self.model_id, max_length=max_length, batch_size=batch_size)
+        return SyncInferenceSession(self, session)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 32,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        eos_token_id: int | Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+        session: SyncInferenceSession | None = None,
+    ) -> torch.Tensor:
+        """Greedy or sampled continuation: returns [B, S + new] token ids (stops early when all rows hit EOS)."""
+        eos = self.config.eos_token_ids if eos_token_id is None else (
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        )
+        params = SamplingParams(temperature=temperature if do_sample else 0.0, top_p=top_p, top_k=top_k)
+        batch = input_ids.shape[0]
+        own_session = session is None
+        if own_session:
+            session = self.inference_session(input_ids.shape[1] + max_new_tokens, batch_size=batch).__enter__()
+        try:
+            tokens = input_ids
+            new_ids = input_ids
+            done = torch.zeros(batch, dtype=torch.bool)
+            for _ in range(max_new_tokens):
+                hidden = session.step(self.head.embed(new_ids))
+                logits = self.head.logits(hidden, last_only=True)[:, -1]
+                next_ids = sample(logits, params, generator)
+                if eos:
+                    next_ids = torch.where(done, torch.tensor(eos[0]), next_ids)
+                    done |= torch.isin(next_ids, torch.tensor(eos))
+                tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+                new_ids = next_ids[:, None]
+                if eos and bool(done.all()):
+                    break
+            return tokens
+        finally:
+            if own_session:
+                session.close()
+
+    def shutdown(self) -> None:
+        self._loop.run(self.client.shutdown())

@@ -1,0 +1,173 @@
+"""An inference session over a chain of spans that survives servers dying mid-generation.
+
+Each span remembers the inputs it was sent. When a server fails with a retryable error (dead, hung, busy), the
+session bans it, routes around exactly its blocks (possibly through several servers), rebuilds their caches by
+replaying the remembered inputs, and retries the step. Greedy output is unchanged by a failover.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from swarm.errors import BadRequestError, SwarmError
+from swarm.messages import OpenSession
+from swarm.routing import Hop
+from swarm.span_call import SpanStream
+
+if TYPE_CHECKING:
+    from swarm.client import SwarmClient
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Span:
+    stream: SpanStream
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    """Inputs sent so far, in position order: chunks of [B, S_i, D] covering [0, session position)."""
+
+    @property
+    def hop(self) -> Hop:
+        return self.stream.hop
+
+    def truncate(self, position: int) -> None:
+        kept, total = [], 0
+        for chunk in self.inputs:
+            if total >= position:
+                break
+            take = min(chunk.shape[1], position - total)
+            kept.append(chunk[:, :take])
+            total += take
+        self.inputs = kept
+
+
+class InferenceSession:
+    """Async context manager; ``step`` runs hidden states through every block with per-server KV caches."""
+
+    def __init__(self, client: SwarmClient, model_id: str, max_length: int, batch_size: int = 1):
+        self.client = client
+        self.model_id = model_id
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.session_id = uuid.uuid4().hex
+        self.position = 0
+        self.failovers = 0
+        self._spans: list[_Span] = []
+        self._closed = False
+
+    async def __aenter__(self) -> InferenceSession:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        route = await self.client.route(self.model_id)
+        self._spans = [_Span(self._stream(hop)) for hop in route]
+        logger.info(
+            "session %s: model %s route %s",
+            self.session_id[:8], self.model_id, " -> ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in route),
+        )
+
+    @property
+    def route(self) -> list[Hop]:
+        return [span.hop for span in self._spans]
+
+    async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        """hidden: [B, S, D] for positions [position, position + S) -> [B, S, D] after the last block.
+
+        ``position`` defaults to the session's current length; a smaller value rewinds (drops later tokens).
+        """
+        position = self.position if position is None else position
+        if self._closed:
+            raise BadRequestError("inference session is closed")
+        if hidden.ndim != 3 or hidden.shape[0] != self.batch_size:
+            raise BadRequestError(f"expected hidden states [{self.batch_size}, S, D], got {list(hidden.shape)}")
+        if not 0 <= position <= self.position:
+            raise BadRequestError(f"position {position} is beyond the session's length {self.position}")
+        if position + hidden.shape[1] > self.max_length:
+            raise BadRequestError(
+                f"step would reach {position + hidden.shape[1]} tokens, over the session's max_length {self.max_length}"
+            )
+        if position < self.position:
+            for span in self._spans:
+                span.truncate(position)
+        x = hidden
+        index, failures = 0, 0
+        while index < len(self._spans):
+            span = self._spans[index]
+            try:
+                out = await span.stream.step(x, position)
+            except SwarmError as e:
+                failures += 1
+                if not e.retryable or failures > self.client.config.max_retries:
+                    raise
+                try:
+                    await self._replace(index, e, position)
+                except SwarmError as replay_error:
+                    # The old span stays (closed) in place, so the next pass fails over again.
+                    if not replay_error.retryable:
+                        raise
+                    failures += 1
+                continue
+            span.inputs.append(x)
+            x = out
+            index += 1
+        self.position = position + hidden.shape[1]
+        return x
+
+    async def _replace(self, index: int, error: SwarmError, position: int) -> None:
+        """Swap span ``index`` for fresh servers covering the same blocks, replaying its inputs up to ``position``."""
+        failed = self._spans[index]
+        hop = failed.hop
+        self.failovers += 1
+        logger.warning(
+            "session %s: peer %s (blocks %d:%d) failed: %s; failing over",
+            self.session_id[:8], hop.peer_id, hop.start, hop.end, error,
+        )
+        self.client.bans.ban(hop.peer_id)
+        await failed.stream.close()
+        route = await self.client.route(self.model_id, hop.start, hop.end, fresh=True)
+        replacements = [_Span(self._stream(new_hop)) for new_hop in route]
+        if position > 0:
+            replay = torch.cat(failed.inputs, dim=1) if len(failed.inputs) > 1 else failed.inputs[0]
+            replay = replay[:, :position]
+            for span in replacements:
+                try:
+                    out = await span.stream.step(replay, 0)
+                except SwarmError:
+                    self.client.bans.ban(span.hop.peer_id)
+                    for other in replacements:
+                        await other.stream.close()
+                    raise
+                span.inputs = [replay]
+                replay = out
+        self._spans[index : index + 1] = replacements
+        logger.info(
+            "session %s: blocks %d:%d now on %s", self.session_id[:8], hop.start, hop.end,
+            ", ".join(f"{s.hop.peer_id[-6:]}[{s.hop.start}:{s.hop.end}]" for s in replacements),
+        )
+
+    def _stream(self, hop: Hop) -> SpanStream:
+        open_msg = OpenSession(
+            model_id=self.model_id,
+            start=hop.start,
+            end=hop.end,
+            session_id=self.session_id,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+        )
+        return SpanStream(self.client, hop, open_msg)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for span in self._spans:
+            await span.stream.close()

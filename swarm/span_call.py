@@ -1,0 +1,133 @@
+"""Calls to one server span: unary forward/backward/info and the per-hop inference stream.
+
+Transport failures become ``PeerUnreachableError`` and error payloads become typed ``RemoteError``s here,
+exactly once; callers above see only ``swarm.errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from typing import TYPE_CHECKING
+
+import torch
+from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError, P2PHandlerError
+from hivemind.proto import runtime_pb2
+
+from swarm.errors import PeerUnreachableError, SwarmError, error_from_payload
+from swarm.messages import ForwardRequest, InferenceStep, OpenSession, RpcResult, StepResult
+from swarm.routing import Hop
+from swarm.service import BlockService
+from swarm.tensors import decode, encode
+
+if TYPE_CHECKING:
+    from swarm.client import SwarmClient
+
+logger = logging.getLogger(__name__)
+
+_TRANSPORT_ERRORS = (P2PHandlerError, P2PDaemonError, ConnectionError, OSError, EOFError, asyncio.IncompleteReadError)
+
+
+async def call_forward(client: SwarmClient, model_id: str, hop: Hop, hidden: torch.Tensor) -> torch.Tensor:
+    meta = ForwardRequest(model_id=model_id, start=hop.start, end=hop.end)
+    request = runtime_pb2.ExpertRequest(tensors=[encode(hidden)], metadata=meta.encode())
+    response = await _unary(client, hop, "rpc_forward", request)
+    return decode(response.tensors[0])
+
+
+async def call_backward(
+    client: SwarmClient, model_id: str, hop: Hop, hidden: torch.Tensor, grad_output: torch.Tensor
+) -> torch.Tensor:
+    meta = ForwardRequest(model_id=model_id, start=hop.start, end=hop.end)
+    request = runtime_pb2.ExpertRequest(tensors=[encode(hidden), encode(grad_output)], metadata=meta.encode())
+    response = await _unary(client, hop, "rpc_backward", request)
+    return decode(response.tensors[0])
+
+
+async def _unary(client: SwarmClient, hop: Hop, method: str, request) -> runtime_pb2.ExpertResponse:
+    stub = BlockService.get_stub(client.p2p, client.peer(hop.peer_id))
+    try:
+        response = await getattr(stub, method)(request, timeout=client.config.step_timeout_s)
+    except asyncio.TimeoutError:
+        raise PeerUnreachableError(f"peer {hop.peer_id} did not answer {method} in time") from None
+    except _TRANSPORT_ERRORS as e:
+        raise PeerUnreachableError(f"peer {hop.peer_id} failed {method}: {e}") from None
+    result = RpcResult.decode(response.metadata)
+    if result.error is not None:
+        raise error_from_payload(result.error, hop.peer_id)
+    if not response.tensors:
+        raise PeerUnreachableError(f"peer {hop.peer_id} sent an empty {method} response")
+    return response
+
+
+class SpanStream:
+    """One open inference stream to one server for blocks [hop.start, hop.end)."""
+
+    def __init__(self, client: SwarmClient, hop: Hop, open_msg: OpenSession):
+        self.hop = hop
+        self._client = client
+        self._open_msg: OpenSession | None = open_msg
+        self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
+        self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self._step_id = 0
+        self.closed = False
+
+    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Send hidden [B, S, D] for positions [position, position + S); return the span's output."""
+        if self.closed:
+            raise PeerUnreachableError(f"stream to peer {self.hop.peer_id} is closed")
+        self._step_id += 1
+        meta = InferenceStep(open=self._open_msg, position=position, step_id=self._step_id)
+        self._open_msg = None
+        await self._requests.put(runtime_pb2.ExpertRequest(tensors=[encode(hidden)], metadata=meta.encode()))
+        timeout = self._client.config.step_timeout_s
+        try:
+            if self._responses is None:
+                stub = BlockService.get_stub(self._client.p2p, self._client.peer(self.hop.peer_id))
+                self._responses = await asyncio.wait_for(
+                    stub.rpc_inference(self._iterate_requests()), self._client.config.connect_timeout_s
+                )
+            response = await asyncio.wait_for(anext(self._responses), timeout)
+        except (asyncio.TimeoutError, StopAsyncIteration) as e:
+            await self.close()
+            what = "timed out" if isinstance(e, asyncio.TimeoutError) else "closed the stream"
+            raise PeerUnreachableError(f"peer {self.hop.peer_id} {what} (blocks {self.hop.start}:{self.hop.end})") from None
+        except _TRANSPORT_ERRORS as e:
+            await self.close()
+            raise PeerUnreachableError(f"peer {self.hop.peer_id} failed: {e}") from None
+        result = StepResult.decode(response.metadata)
+        if result.error is not None:
+            await self.close()
+            raise error_from_payload(result.error, self.hop.peer_id)
+        if not response.tensors:
+            await self.close()
+            raise PeerUnreachableError(f"peer {self.hop.peer_id} sent an empty step response")
+        return decode(response.tensors[0])
+
+    async def _iterate_requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        while True:
+            request = await self._requests.get()
+            if request is None:
+                return
+            yield request
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self._requests.put(None)
+        if self._responses is not None:
+            # Drain the end of the stream so the server sees a clean close; never wait long for it.
+            with suppress(Exception, asyncio.TimeoutError):
+                await asyncio.wait_for(self._drain(), 1.0)
+
+    async def _drain(self) -> None:
+        assert self._responses is not None
+        async for _ in self._responses:
+            pass
+
+
+def is_retryable(error: BaseException) -> bool:
+    return isinstance(error, SwarmError) and error.retryable
