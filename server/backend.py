@@ -25,8 +25,9 @@ class SpanBackend:
         self.device = device
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
-    def _blocks(self, start: int, end: int) -> slice:
-        return slice(start - self.start, end - self.start)
+    @staticmethod
+    def _blocks(start: int, end: int) -> slice:
+        return slice(start, end)  # BlockSpan takes absolute model block indices
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -53,6 +53,8 @@ def choose_route(
     latencies = latencies or {}
     rng = rng or random.Random()
     servers = [s for s in _usable(coverage.servers, banned) if s.start < end and s.end > start]
+    # One noise factor per server (not per edge), so splitting one server's span into two hops never pays.
+    noise = {s.peer_id: 1.0 + jitter * rng.random() for s in servers}
     # best[p] = (cost to have blocks [start, p) computed, previous hop)
     best: dict[int, tuple[float, Hop | None]] = {start: (0.0, None)}
     for pos in range(start, end):
@@ -64,9 +66,8 @@ def choose_route(
                 continue
             hop_cost = latencies.get(server.peer_id, DEFAULT_HOP_LATENCY_S)
             per_block = 1.0 / max(server.record.throughput, 1e-6)
-            noise = 1.0 + jitter * rng.random()
             for stop in range(pos + 1, min(server.end, end) + 1):
-                cost = base_cost + (hop_cost + (stop - pos) * per_block) * noise
+                cost = base_cost + (hop_cost + (stop - pos) * per_block) * noise[server.peer_id]
                 if stop not in best or cost < best[stop][0]:
                     best[stop] = (cost, Hop(server, pos, stop))
     if end not in best:

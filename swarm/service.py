@@ -6,7 +6,7 @@ Servers register an implementation with ``BlockService().add_p2p_handlers(p2p, w
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from typing import AsyncIterator  # hivemind's servicer recognises typing.AsyncIterator only  # noqa: UP035
 
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2

@@ -75,3 +75,10 @@ def test_new_server_takes_the_weakest_span():
     assert choose_span(cov, 10, 3) == (4, 7)
     assert choose_span(coverage(num_blocks=0), 10, 4) == (0, 4)
     assert choose_span(coverage(num_blocks=10), 10, 20) == (0, 10)
+
+
+def test_jitter_never_splits_one_server_into_two_hops():
+    cov = coverage(server("a", 0, 15), server("b", 15, 30), num_blocks=30)
+    rng = random.Random(1)
+    for _ in range(100):
+        assert spans(choose_route(cov, jitter=0.5, rng=rng)) == [("a", 0, 15), ("b", 15, 30)]
