@@ -37,8 +37,13 @@ class Announcer:
         record = self.make_record(self.state)
         ok = await announce(self.dht, self.peer_id, record, self.model_record, expiration_s or self.period_s * 3)
         if not ok:
-            logger.warning("announcing %s blocks %d:%d as %s was not stored everywhere",
-                           record.model_id, record.start, record.end, record.state.value)
+            logger.warning(
+                "announcing %s blocks %d:%d as %s was not stored everywhere",
+                record.model_id,
+                record.start,
+                record.end,
+                record.state.value,
+            )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())

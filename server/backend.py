@@ -38,8 +38,12 @@ class SpanBackend:
     def _inference_step(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
         with torch.inference_mode():
             x = hidden.to(self.device, self.dtype)
-            out = self.span(x, cache=session.cache, start_position=position,
-                            blocks=self._blocks(session.start, session.end))
+            out = self.span(
+                x,
+                cache=session.cache,
+                start_position=position,
+                blocks=self._blocks(session.start, session.end),
+            )
             session.length = position + hidden.shape[1]
             return out.to("cpu", hidden.dtype)
 

@@ -22,12 +22,19 @@ Every flag can also be set as an environment variable PETALS_SERVER_<FLAG> (e.g.
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="petals-server", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="petals-server",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="serve a span of a model's blocks", epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = commands.add_parser(
+        "run",
+        help="serve a span of a model's blocks",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     fields = ServerSettings.model_fields
     for name, field in fields.items():
         if name in ("new_swarm",):
@@ -42,8 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
         elif name in ("cache_budget_mb", "session_idle_timeout_s", "announce_period_s"):
             kwargs["type"] = float
         run.add_argument(flag, **kwargs)
-    run.add_argument("--new-swarm", dest="new_swarm", action="store_true", default=None,
-                     help=fields["new_swarm"].description)
+    run.add_argument(
+        "--new-swarm",
+        dest="new_swarm",
+        action="store_true",
+        default=None,
+        help=fields["new_swarm"].description,
+    )
 
     boot = commands.add_parser("bootstrap", help="run a DHT-only peer that others join through")
     boot.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"], metavar="MADDR")

@@ -98,9 +98,17 @@ async def serve(settings: ServerSettings) -> None:
 
     def make_record(server_state: ServerState) -> ServerRecord:
         return ServerRecord(
-            model_id=resolved.model_id, start=start, end=end, state=server_state, throughput=throughput,
-            cache_tokens_left=sessions.tokens_left(end - start), protocol_version=PROTOCOL_VERSION,
-            version=VERSION, public_name=settings.public_name, device=str(device), dtype=str(dtype).split(".")[-1],
+            model_id=resolved.model_id,
+            start=start,
+            end=end,
+            state=server_state,
+            throughput=throughput,
+            cache_tokens_left=sessions.tokens_left(end - start),
+            protocol_version=PROTOCOL_VERSION,
+            version=VERSION,
+            public_name=settings.public_name,
+            device=str(device),
+            dtype=str(dtype).split(".")[-1],
         )
 
     model_record = ModelRecord(num_blocks=spec.num_hidden_layers, hidden_size=spec.hidden_size)
@@ -154,7 +162,10 @@ async def run_bootstrap(host_maddrs: list[str], identity_path: Path | None, read
         DHT, host_maddrs=host_maddrs, identity_path=str(identity_path) if identity_path else None, start=True
     )
     maddrs = [str(m) for m in dht.get_visible_maddrs()]
-    print("Bootstrap peer is up; join with:\n  " + "\n  ".join(f"--initial-peers {m}" for m in maddrs), flush=True)
+    print(
+        "Bootstrap peer is up; join with:\n  " + "\n  ".join(f"--initial-peers {m}" for m in maddrs),
+        flush=True,
+    )
     if ready_file:
         write_ready_file(ready_file, {"initial_peers": maddrs, "peer_id": dht.peer_id.to_base58()})
     stop = asyncio.Event()

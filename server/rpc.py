@@ -60,7 +60,7 @@ class BlockHandler:
                     request = await asyncio.wait_for(anext(requests), self.settings.session_idle_timeout_s)
                 except StopAsyncIteration:
                     return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     yield _step_error(SessionError("session closed: idle for too long").to_payload())
                     return
                 try:
@@ -88,7 +88,9 @@ class BlockHandler:
         if not self.state.accepting:
             raise SessionError("server is shutting down and takes no new sessions")
         if open_msg.max_length > self.state.max_length:
-            raise BadRequestError(f"max_length {open_msg.max_length} exceeds this server's limit {self.state.max_length}")
+            raise BadRequestError(
+                f"max_length {open_msg.max_length} exceeds this server's limit {self.state.max_length}"
+            )
         if open_msg.batch_size * open_msg.max_length > self.settings.max_session_length * 4:
             raise BadRequestError(f"batch {open_msg.batch_size} x length {open_msg.max_length} is too large")
         return self.sessions.open(
@@ -102,7 +104,8 @@ class BlockHandler:
             raise BadRequestError(f"step position {step.position} is past the session's length {session.length}")
         if step.position + hidden.shape[1] > session.max_length:
             raise BadRequestError(
-                f"step reaches {step.position + hidden.shape[1]} tokens, over the session's max_length {session.max_length}"
+                f"step reaches {step.position + hidden.shape[1]} tokens, "
+                f"over the session's max_length {session.max_length}"
             )
         out = await self.backend.inference_step(session, hidden, step.position)
         result = StepResult(step_id=step.step_id, position=session.length)

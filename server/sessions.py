@@ -48,9 +48,7 @@ class SessionRegistry:
         per_token = SpanCache.bytes_per_token(self.spec, num_blocks, self.dtype)
         return max(0, (self.budget_bytes - self.used_bytes) // per_token)
 
-    def open(
-        self, session_id: str, peer_id: str, start: int, end: int, batch_size: int, max_length: int
-    ) -> Session:
+    def open(self, session_id: str, peer_id: str, start: int, end: int, batch_size: int, max_length: int) -> Session:
         needed = self.bytes_needed(end - start, batch_size, max_length)
         if needed > self.budget_bytes - self.used_bytes:
             raise ServerBusyError(
@@ -66,7 +64,13 @@ class SessionRegistry:
         session.session_id = key
         logger.info(
             "session %s opened by %s: blocks %d:%d, batch %d, max_length %d (%.1f MiB cache, %.1f MiB free)",
-            key[:8], peer_id[-8:], start, end, batch_size, max_length, cache.nbytes / 2**20,
+            key[:8],
+            peer_id[-8:],
+            start,
+            end,
+            batch_size,
+            max_length,
+            cache.nbytes / 2**20,
             (self.budget_bytes - self.used_bytes) / 2**20,
         )
         return session

@@ -134,8 +134,13 @@ class SwarmClient:
                     attempts += 1
                     if not e.retryable or attempts > self.config.max_retries:
                         raise
-                    logger.warning("forward on peer %s blocks %d:%d failed (%s); rerouting", hop.peer_id,
-                                   hop.start, hop.end, e)
+                    logger.warning(
+                        "forward on peer %s blocks %d:%d failed (%s); rerouting",
+                        hop.peer_id,
+                        hop.start,
+                        hop.end,
+                        e,
+                    )
                     self.bans.ban(hop.peer_id)
                     break
                 position = hop.end

@@ -80,8 +80,7 @@ class PeerUnreachableError(SwarmError):
 
 
 _BY_CODE: dict[str, type[SwarmError]] = {
-    cls.code: cls
-    for cls in (RemoteError, BadRequestError, SessionError, ServerBusyError, ProtocolMismatchError)
+    cls.code: cls for cls in (RemoteError, BadRequestError, SessionError, ServerBusyError, ProtocolMismatchError)
 }
 
 

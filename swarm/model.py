@@ -127,8 +127,10 @@ class AutoDistributedModelForCausalLM(torch.nn.Module):
         session: SyncInferenceSession | None = None,
     ) -> torch.Tensor:
         """Greedy or sampled continuation: returns [B, S + new] token ids (stops early when all rows hit EOS)."""
-        eos = self.config.eos_token_ids if eos_token_id is None else (
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos = (
+            self.config.eos_token_ids
+            if eos_token_id is None
+            else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         )
         params = SamplingParams(temperature=temperature if do_sample else 0.0, top_p=top_p, top_k=top_k)
         batch = input_ids.shape[0]

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 logger = logging.getLogger(__name__)
 
 
-class ServerState(str, enum.Enum):
+class ServerState(enum.StrEnum):
     JOINING = "joining"
     ONLINE = "online"
     OFFLINE = "offline"

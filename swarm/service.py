@@ -24,9 +24,7 @@ class BlockService(ServicerBase):
         """Stateless forward over a span: ``ForwardRequest`` -> ``RpcResult``."""
         raise NotImplementedError
 
-    async def rpc_backward(
-        self, request: runtime_pb2.ExpertRequest, context: P2PContext
-    ) -> runtime_pb2.ExpertResponse:
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Gradient w.r.t. a span's input: tensors [hidden, grad_output] -> [grad_input]."""
         raise NotImplementedError
 

@@ -72,7 +72,9 @@ class InferenceSession:
         self._spans = [_Span(self._stream(hop)) for hop in route]
         logger.info(
             "session %s: model %s route %s",
-            self.session_id[:8], self.model_id, " -> ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in route),
+            self.session_id[:8],
+            self.model_id,
+            " -> ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in route),
         )
 
     @property
@@ -87,7 +89,7 @@ class InferenceSession:
         position = self.position if position is None else position
         if self._closed:
             raise BadRequestError("inference session is closed")
-        if hidden.ndim != 3 or hidden.shape[0] != self.batch_size:
+        if hidden.ndim != 3 or hidden.shape[0] != self.batch_size or hidden.shape[1] == 0:
             raise BadRequestError(f"expected hidden states [{self.batch_size}, S, D], got {list(hidden.shape)}")
         if not 0 <= position <= self.position:
             raise BadRequestError(f"position {position} is beyond the session's length {self.position}")
@@ -129,7 +131,11 @@ class InferenceSession:
         self.failovers += 1
         logger.warning(
             "session %s: peer %s (blocks %d:%d) failed: %s; failing over",
-            self.session_id[:8], hop.peer_id, hop.start, hop.end, error,
+            self.session_id[:8],
+            hop.peer_id,
+            hop.start,
+            hop.end,
+            error,
         )
         self.client.bans.ban(hop.peer_id)
         await failed.stream.close()
@@ -150,7 +156,10 @@ class InferenceSession:
                 replay = out
         self._spans[index : index + 1] = replacements
         logger.info(
-            "session %s: blocks %d:%d now on %s", self.session_id[:8], hop.start, hop.end,
+            "session %s: blocks %d:%d now on %s",
+            self.session_id[:8],
+            hop.start,
+            hop.end,
             ", ".join(f"{s.hop.peer_id[-6:]}[{s.hop.start}:{s.hop.end}]" for s in replacements),
         )
 

@@ -27,7 +27,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_TRANSPORT_ERRORS = (P2PHandlerError, P2PDaemonError, ConnectionError, OSError, EOFError, asyncio.IncompleteReadError)
+_TRANSPORT_ERRORS = (
+    P2PHandlerError,
+    P2PDaemonError,
+    ConnectionError,
+    OSError,
+    EOFError,
+    asyncio.IncompleteReadError,
+)
 
 
 async def call_forward(client: SwarmClient, model_id: str, hop: Hop, hidden: torch.Tensor) -> torch.Tensor:
@@ -50,7 +57,7 @@ async def _unary(client: SwarmClient, hop: Hop, method: str, request) -> runtime
     stub = BlockService.get_stub(client.p2p, client.peer(hop.peer_id))
     try:
         response = await getattr(stub, method)(request, timeout=client.config.step_timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise PeerUnreachableError(f"peer {hop.peer_id} did not answer {method} in time") from None
     except _TRANSPORT_ERRORS as e:
         raise PeerUnreachableError(f"peer {hop.peer_id} failed {method}: {e}") from None
@@ -90,10 +97,12 @@ class SpanStream:
                     stub.rpc_inference(self._iterate_requests()), self._client.config.connect_timeout_s
                 )
             response = await asyncio.wait_for(anext(self._responses), timeout)
-        except (asyncio.TimeoutError, StopAsyncIteration) as e:
+        except (TimeoutError, StopAsyncIteration) as e:
             await self.close()
             what = "timed out" if isinstance(e, asyncio.TimeoutError) else "closed the stream"
-            raise PeerUnreachableError(f"peer {self.hop.peer_id} {what} (blocks {self.hop.start}:{self.hop.end})") from None
+            raise PeerUnreachableError(
+                f"peer {self.hop.peer_id} {what} (blocks {self.hop.start}:{self.hop.end})"
+            ) from None
         except _TRANSPORT_ERRORS as e:
             await self.close()
             raise PeerUnreachableError(f"peer {self.hop.peer_id} failed: {e}") from None

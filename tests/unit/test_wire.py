@@ -5,7 +5,13 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from swarm import PROTOCOL_VERSION
-from swarm.errors import BadRequestError, ErrorPayload, ProtocolMismatchError, ServerBusyError, error_from_payload
+from swarm.errors import (
+    BadRequestError,
+    ErrorPayload,
+    ProtocolMismatchError,
+    ServerBusyError,
+    error_from_payload,
+)
 from swarm.messages import InferenceStep, OpenSession, StepResult
 from swarm.records import ServerRecord, ServerState
 from swarm.tensors import decode, encode

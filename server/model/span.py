@@ -1,0 +1,164 @@
+"""A contiguous span of a model's decoder blocks, as one server hosts it, and its KV cache."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from server.model.llama import KVSlot
+from server.model.rotary import RotaryEmbedding
+from swarm.config import ModelSpec
+from swarm.weights import ResolvedModel, block_prefix, load_tensors
+
+logger = logging.getLogger(__name__)
+
+BLOCK_CLASSES: dict[str, type[nn.Module]] = {}
+"""model_type -> decoder-layer class, filled in by ``server.model`` (imported before this module, always).
+
+A class takes ``(spec, *, dtype, device)``, has HF layer parameter names, and its forward is
+``(hidden [B, S, D], cos [B, S, Dh], sin [B, S, Dh], kv: KVSlot | None) -> [B, S, D]``.
+"""
+
+
+class SpanCache:
+    """Preallocated keys and values for a run of consecutive blocks: ``[num_blocks, B, H_kv, capacity, Dh]``.
+
+    Slot ``j`` belongs to the ``j``-th block that a forward runs (see ``BlockSpan.forward``). Positions
+    are token positions: a forward at ``start_position`` writes there and attends over
+    ``[0, start_position + S)``.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys = keys  # [N, B, H_kv, capacity, Dh]
+        self.values = values  # [N, B, H_kv, capacity, Dh]
+
+    @classmethod
+    def allocate(
+        cls,
+        spec: ModelSpec,
+        num_blocks: int,
+        batch_size: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> SpanCache:
+        shape = (num_blocks, batch_size, spec.num_key_value_heads, capacity, spec.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @staticmethod
+    def bytes_per_token(spec: ModelSpec, num_blocks: int, dtype: torch.dtype) -> int:
+        """Cache bytes one token of one sequence takes across ``num_blocks`` blocks (keys and values)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_blocks * spec.num_key_value_heads * spec.head_dim * itemsize
+
+    @property
+    def num_blocks(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def slot(self, j: int, start: int) -> KVSlot:
+        return KVSlot(key=self.keys[j], value=self.values[j], start=start)
+
+
+class BlockSpan(nn.Module):
+    """Blocks ``[start, end)`` of a model plus the rotary tables they share.
+
+    ``blocks[k]`` is model block ``start + k``; its state dict holds ``blocks.{k}.<HF layer names>``.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        start: int,
+        end: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if not 0 <= start < end <= spec.num_hidden_layers:
+            raise ValueError(f"block span {start}:{end} is not inside 0:{spec.num_hidden_layers}")
+        block_class = BLOCK_CLASSES.get(spec.model_type)
+        if block_class is None:
+            raise ValueError(f"no block implementation for model_type {spec.model_type!r}")
+        self.spec = spec
+        self.start = start
+        self.end = end
+        self.rotary = RotaryEmbedding(spec, device)
+        self.blocks = nn.ModuleList(block_class(spec, dtype=dtype, device=device) for _ in range(start, end))
+
+    @classmethod
+    def load(
+        cls,
+        resolved: ResolvedModel,
+        start: int,
+        end: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> BlockSpan:
+        """Build the span, reading only its blocks' tensors, block by block (memory grows with the span)."""
+        span = cls(resolved.spec, start, end, dtype=dtype, device=device)
+        for k, block in enumerate(span.blocks):
+            prefix = block_prefix(start + k)
+            tensors = load_tensors(resolved.folder, lambda name, p=prefix: name.startswith(p), dtype, device)
+            block.load_state_dict({name[len(prefix) :]: t for name, t in tensors.items()}, strict=True)
+        logger.info("loaded blocks %d:%d of %s (%s, %s)", start, end, resolved.model_id, dtype, device)
+        return span
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: SpanCache | None = None,
+        start_position: int = 0,
+        blocks: slice | None = None,
+    ) -> torch.Tensor:
+        """hidden: [B, S, D] at positions ``[start_position, start_position + S)`` -> [B, S, D].
+
+        ``blocks`` picks a sub-range in absolute model block indices (``slice(3, 10)`` on a span hosting 0:15
+        runs model blocks 3..9); ``None`` runs every hosted block. ``cache`` covers exactly the blocks that
+        run, so a session over a sub-range allocates only what it uses. Nothing advances implicitly: the
+        caller passes the next ``start_position`` itself.
+        """
+        first, last = self._local_range(blocks)
+        b, s, d = hidden.shape
+        if d != self.spec.hidden_size:
+            raise ValueError(f"hidden size {d} does not match the model's {self.spec.hidden_size}")
+        if cache is not None:
+            self._check_cache(cache, last - first, b, start_position + s)
+        positions = torch.arange(start_position, start_position + s, device=hidden.device).expand(b, s)
+        cos, sin = self.rotary.cos_sin(positions, hidden.dtype)  # each [B, S, Dh]
+        for j, k in enumerate(range(first, last)):
+            kv = cache.slot(j, start_position) if cache is not None else None
+            hidden = self.blocks[k](hidden, cos, sin, kv)
+        return hidden
+
+    def _local_range(self, blocks: slice | None) -> tuple[int, int]:
+        if blocks is None:
+            return 0, len(self.blocks)
+        lo = self.start if blocks.start is None else blocks.start
+        hi = self.end if blocks.stop is None else blocks.stop
+        if blocks.step not in (None, 1) or not self.start <= lo < hi <= self.end:
+            raise ValueError(f"blocks {lo}:{hi} are not a contiguous range inside the hosted {self.start}:{self.end}")
+        return lo - self.start, hi - self.start
+
+    @staticmethod
+    def _check_cache(cache: SpanCache, num_blocks: int, batch_size: int, end_position: int) -> None:
+        if cache.num_blocks != num_blocks:
+            raise ValueError(f"cache covers {cache.num_blocks} blocks but this forward runs {num_blocks}")
+        if cache.batch_size != batch_size:
+            raise ValueError(f"cache holds {cache.batch_size} rows but the input has {batch_size}")
+        if end_position > cache.capacity:
+            raise ValueError(f"position {end_position} is past the cache capacity {cache.capacity}")

@@ -1,0 +1,107 @@
+"""A real loopback swarm for tests: bootstrap and block servers as child processes of the test run.
+
+Readiness is polled through each child's ready file with a deadline; a child that dies fails the test at once
+with its log; everything is torn down by PID. Logs of all children are printed when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 180.0
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    ready_file: Path
+    log_path: Path
+    info: dict = field(default_factory=dict)
+
+    @property
+    def peer_id(self) -> str:
+        return self.info["peer_id"]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, sig)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+class LocalSwarm:
+    def __init__(self, workdir: Path, cache_dir: Path):
+        self.workdir = workdir
+        self.cache_dir = cache_dir
+        self.children: list[Child] = []
+        self.initial_peers: list[str] = []
+
+    def start_bootstrap(self) -> Child:
+        child = self._spawn("bootstrap", ["bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"])
+        self.wait_ready(child)
+        self.initial_peers = child.info["initial_peers"]
+        return child
+
+    def start_server(self, model: str, span: str | None = None, *extra: str, wait: bool = True) -> Child:
+        args = ["run", "--model", str(model), "--initial-peers", *self.initial_peers,
+                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--cache-dir", str(self.cache_dir),
+                "--announce-period-s", "1", "--num-threads", "1", *extra]  # fmt: skip
+        if span is not None:
+            args += ["--block-indices", span]
+        child = self._spawn(f"server{len(self.children)}-{(span or 'auto').replace(':', '_')}", args)
+        if wait:
+            self.wait_ready(child)
+        return child
+
+    def _spawn(self, name: str, args: list[str]) -> Child:
+        ready_file = self.workdir / f"{name}.ready.json"
+        log_path = self.workdir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "server.cli", *args, "--ready-file", str(ready_file)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
+        child = Child(name, process, ready_file, log_path)
+        self.children.append(child)
+        return child
+
+    def wait_ready(self, child: Child, timeout_s: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not child.ready_file.exists():
+            if not child.alive():
+                raise RuntimeError(f"{child.name} died (exit {child.process.returncode}):\n{child.log()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{child.name} not ready after {timeout_s}s:\n{child.log()[-4000:]}")
+            time.sleep(0.1)
+        child.info = json.loads(child.ready_file.read_text())
+
+    def dump_logs(self) -> str:
+        return "\n".join(f"===== {c.name} =====\n{c.log()[-3000:]}" for c in self.children)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.signal(signal.SIGCONT)  # a SIGSTOPped child must wake up to die gracefully
+            child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for child in self.children:
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()

@@ -1,0 +1,109 @@
+"""Tiny random-weight models saved as Hugging Face folders, and the transformers reference for them.
+
+Plain functions (not only fixtures) so that subprocess-based swarm tests can build and check models too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+TinyKind = Literal["llama", "qwen2", "llama3"]
+TINY_KINDS: tuple[TinyKind, ...] = ("llama", "qwen2", "llama3")
+
+_CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+
+
+def _tiny_config(kind: TinyKind, num_hidden_layers: int) -> LlamaConfig | Qwen2Config:
+    shape = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    if kind == "llama":
+        return LlamaConfig(**shape, tie_word_embeddings=False)
+    if kind == "llama3":
+        rope = dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+        )
+        return LlamaConfig(**shape, tie_word_embeddings=False, rope_parameters=rope)
+    if kind == "qwen2":
+        return Qwen2Config(**shape, tie_word_embeddings=True)
+    raise ValueError(f"unknown tiny model kind {kind!r}; known: {', '.join(TINY_KINDS)}")
+
+
+def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII with ChatML specials: ids fit a 128-token vocab."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {tok: i for i, tok in enumerate(_SPECIALS + ["\n"] + [chr(c) for c in range(32, 127)])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=_SPECIALS[1:3],
+        chat_template=_CHATML,
+    )
+
+
+def make_tiny_model(
+    kind: TinyKind,
+    folder: Path,
+    max_shard_size: str | None = None,
+    seed: int = 0,
+    num_hidden_layers: int = 4,
+) -> Path:
+    """Save a seeded random-weight model of ``kind`` (and a tiny tokenizer) as a Hugging Face folder.
+
+    ``max_shard_size`` (e.g. ``"100KB"``) makes a sharded folder with a ``model.safetensors.index.json``.
+    """
+    config = _tiny_config(kind, num_hidden_layers)
+    torch.manual_seed(seed)
+    model_class = Qwen2ForCausalLM if kind == "qwen2" else LlamaForCausalLM
+    model = model_class(config).eval()
+    # Default init makes norms exactly 1 and biases 0; perturb them so the tests notice a missed weight.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    folder = Path(folder)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def reference_model(folder: Path) -> PreTrainedModel:
+    """The transformers model for ``folder`` in float32 eval mode: the ground truth for our pieces."""
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
