@@ -1,0 +1,5 @@
+"""``python -m gateway`` is ``petals-gateway``."""
+
+from gateway.cli import main
+
+main()

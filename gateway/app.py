@@ -1,0 +1,104 @@
+"""create_app: the FastAPI application; its lifespan owns the swarm client, the models and the dev swarm."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from gateway.api import chat, completions, health, models
+from gateway.embedded import EmbeddedSwarm, ready_banner, wait_until_served
+from gateway.errors import install_error_handlers
+from gateway.generation.model import LoadedModel, ModelLoader, load_model
+from gateway.generation.protocols import SwarmClientLike
+from gateway.middleware import RequestIdMiddleware
+from gateway.settings import GatewaySettings
+from gateway.state import GatewayState
+
+logger = logging.getLogger(__name__)
+
+SwarmFactory = Callable[[list[str]], Awaitable[SwarmClientLike]]
+"""initial peers -> a connected swarm client."""
+
+
+async def connect_swarm(initial_peers: list[str]) -> SwarmClientLike:
+    """The real swarm client (imported here so that tests with a fake never load it)."""
+    from swarm.client import ClientConfig, SwarmClient
+
+    return await SwarmClient.create(ClientConfig(initial_peers=initial_peers))
+
+
+def create_app(
+    settings: GatewaySettings,
+    *,
+    swarm_factory: SwarmFactory = connect_swarm,
+    model_loader: ModelLoader = load_model,
+) -> FastAPI:
+    """Build the app; nothing starts until its lifespan runs (so exporting the OpenAPI schema is free)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            loaded: dict[str, LoadedModel] = {}
+            for ref in settings.models:
+                model = await asyncio.to_thread(model_loader, ref, settings)
+                loaded[model.model_id] = model
+            peers = list(settings.initial_peers)
+            embedded: EmbeddedSwarm | None = None
+            if not peers:
+                embedded = EmbeddedSwarm(settings, list(loaded.values()))
+                stack.push_async_callback(embedded.stop)
+                peers = await embedded.start()
+            swarm = await swarm_factory(peers)
+            stack.push_async_callback(swarm.shutdown)
+            if embedded is not None:
+                await wait_until_served(swarm, list(loaded), settings.startup_timeout_s)
+                print(ready_banner(settings, next(iter(loaded))), flush=True)
+            app.state.gateway = GatewayState(settings=settings, swarm=swarm, models=loaded)
+            logger.info("gateway ready: models %s, peers %s", ", ".join(loaded), " ".join(peers))
+            yield
+            logger.info("gateway shutting down")
+
+    app = FastAPI(
+        title="petals-next gateway",
+        summary="OpenAI-compatible API over a swarm of block servers.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    for router in (chat.router, completions.router, models.router, health.router):
+        app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id", "retry-after"],
+        )
+    app.add_middleware(RequestIdMiddleware)  # outermost: names every response, catches what is left
+    _document_400_not_422(app)
+    return app
+
+
+def _document_400_not_422(app: FastAPI) -> None:
+    """Validation errors answer 400 (``errors``), so drop FastAPI's automatic 422 from the schema."""
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]

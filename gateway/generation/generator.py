@@ -1,0 +1,157 @@
+"""The token loop: prefill the prompt, then sample and step one token at a time in one swarm session."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gateway.generation.model import LoadedModel
+from gateway.generation.protocols import SwarmClientLike
+from gateway.generation.stops import StopMatcher
+from gateway.generation.tokenization import IncrementalDetokenizer
+from swarm import sampling
+from swarm.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One request's decoding settings, already validated."""
+
+    max_tokens: int
+    n: int = 1
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the k best alternatives
+    step_timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """One sampled token, with its logprob and alternatives when they were asked for."""
+
+    token_id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceUpdate:
+    """What one step adds to one choice: text safe to show, the token, and the finish reason at the end."""
+
+    index: int
+    text: str
+    token: TokenInfo
+    finish_reason: str | None = None
+
+
+class _Choice:
+    """Text state of one choice: incremental detokenizer, stop strings, finish reason."""
+
+    def __init__(self, model: LoadedModel, prompt_ids: Sequence[int], stops: Sequence[str]):
+        self._eos = model.eos_token_ids
+        self._detok = IncrementalDetokenizer(model.tokenizer, prompt_ids)
+        self._stops = StopMatcher(stops)
+        self.finish_reason: str | None = None
+
+    def push(self, token_id: int, last: bool) -> str:
+        if token_id in self._eos:
+            self.finish_reason = "stop"
+            return self._drain()
+        text = self._stops.push(self._detok.push(token_id))
+        if self._stops.stopped:
+            self.finish_reason = "stop"
+        elif last:
+            self.finish_reason = "length"
+            text += self._drain()
+        return text
+
+    def _drain(self) -> str:
+        text = self._stops.push(self._detok.flush())
+        if self._stops.stopped:
+            self.finish_reason = "stop"
+        return text + self._stops.flush()
+
+
+@dataclass
+class _Picked:
+    tokens: list[int]
+    infos: list[TokenInfo]
+    next_hidden: torch.Tensor | None  # [B, 1, D]
+
+
+class _Sampler:
+    """The per-request torch state (seeded generator, penalty counts); its methods run off the event loop."""
+
+    def __init__(self, model: LoadedModel, params: GenerationParams):
+        self._head = model.head
+        self._params = params
+        self._generator = torch.Generator(device=model.device)
+        if params.seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(params.seed)
+        self._counts: torch.Tensor | None = None
+        self._vocab_size = model.vocab_size
+
+    def embed_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self._head.embed(input_ids)  # [B, S, D]
+
+    def pick(self, hidden: torch.Tensor, embed_next: bool) -> _Picked:
+        params = self._params
+        with torch.inference_mode():
+            logits = self._head.logits(hidden, last_only=True)[:, -1, :]  # [B, V]
+            if params.sampling.uses_penalties and self._counts is None:
+                self._counts = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
+            scores = sampling.adjust_logits(logits, params.sampling, self._counts)
+            tokens = sampling.sample(scores, params.sampling, self._generator)  # [B]
+            if self._counts is not None:
+                sampling.count_tokens(self._counts, tokens)
+            token_list = tokens.tolist()
+            infos = [TokenInfo(t) for t in token_list]
+            if params.logprobs is not None:
+                lp = sampling.token_logprobs(scores, tokens, params.logprobs)
+                chosen, top_v, top_i = lp.chosen.tolist(), lp.top_values.tolist(), lp.top_ids.tolist()
+                infos = [
+                    TokenInfo(t, chosen[b], tuple(zip(top_i[b], top_v[b], strict=True)))
+                    for b, t in enumerate(token_list)
+                ]
+            next_hidden = self._head.embed(tokens.view(-1, 1)) if embed_next else None  # [B, 1, D]
+        return _Picked(token_list, infos, next_hidden)
+
+
+async def generate(
+    swarm: SwarmClientLike, model: LoadedModel, prompt_ids: Sequence[int], params: GenerationParams
+) -> AsyncIterator[list[ChoiceUpdate]]:
+    """Yield, per decoding step, the updates of the choices still running; stops when all have finished.
+
+    The ``n`` choices run as one swarm session of batch size ``n``; a finished row keeps being fed (its
+    output is ignored) until every row is done, since the session's batch size is fixed.
+    """
+    sampler = _Sampler(model, params)
+    choices = [_Choice(model, prompt_ids, params.stop) for _ in range(params.n)]
+    input_ids = torch.tensor([list(prompt_ids)] * params.n, dtype=torch.long, device=model.device)  # [B, S]
+    hidden = await asyncio.to_thread(sampler.embed_prompt, input_ids)  # [B, S, D]
+    max_length = len(prompt_ids) + params.max_tokens
+    async with swarm.inference_session(model.model_id, max_length=max_length, batch_size=params.n) as session:
+        for step in range(params.max_tokens):
+            async with asyncio.timeout(params.step_timeout_s):
+                out = await session.step(hidden)  # [B, S, D]
+            last = step == params.max_tokens - 1
+            picked = await asyncio.to_thread(sampler.pick, out, not last)
+            updates = []
+            for i, choice in enumerate(choices):
+                if choice.finish_reason is None:
+                    text = choice.push(picked.tokens[i], last)
+                    updates.append(ChoiceUpdate(i, text, picked.infos[i], choice.finish_reason))
+            yield updates
+            if all(c.finish_reason is not None for c in choices) or picked.next_hidden is None:
+                return
+            hidden = picked.next_hidden

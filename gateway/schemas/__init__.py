@@ -1,0 +1,1 @@
+"""OpenAI wire models: requests accept (and ignore) unknown fields; responses follow OpenAI's shapes."""

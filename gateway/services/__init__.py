@@ -1,0 +1,1 @@
+"""Request -> generation -> response logic, one module per endpoint family (no HTTP framework concerns)."""

@@ -1,0 +1,73 @@
+"""GatewaySettings: the gateway's one configuration object, read from flags and ``PETALS_GATEWAY_*``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+StrList = Annotated[list[str], NoDecode]
+
+
+class GatewaySettings(BaseSettings):
+    """Built once at start-up (``gateway.cli``) and passed down; nothing else reads the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="PETALS_GATEWAY_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port of the HTTP server.")
+    initial_peers: StrList = Field(
+        default_factory=list,
+        description="Multiaddrs of swarm peers to join; empty starts an embedded local swarm (dev mode).",
+    )
+    models: StrList = Field(
+        default_factory=lambda: ["smollm2-135m-instruct"],
+        description="Model references to serve (built-in names, HF folders or GGUF files).",
+    )
+    api_keys: StrList = Field(
+        default_factory=list, description="Accepted bearer tokens; empty disables authentication."
+    )
+    cache_dir: Path = Field(
+        Path("~/.cache/petals-next").expanduser(), description="Where converted model folders are kept."
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="Longest wait for one swarm call (prefill or one decode step) before a 504."
+    )
+    startup_timeout_s: float = Field(
+        600.0, gt=0, description="Deadline for the embedded swarm and model coverage at start-up."
+    )
+    max_tokens_default: int = Field(
+        512, ge=1, description="Completion length when a request names none (capped by the context)."
+    )
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_n: int = Field(8, ge=1, description="Largest number of choices (n) per request.")
+    cors_origins: StrList = Field(
+        default_factory=list, description="Origins allowed by CORS; empty disables the CORS middleware."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
+    embedded_servers: int = Field(
+        2, ge=1, description="Block servers the embedded swarm splits each model across."
+    )
+    device: str = Field("cpu", description="Torch device of the local head (embeddings, norm, LM head).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Torch dtype of the local head."
+    )
+
+    @field_validator("initial_peers", "models", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_lists(cls, value: Any) -> Any:
+        """Accept a JSON list or a comma/space separated string (handy in env vars)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part for part in text.replace(",", " ").split() if part]
+        return value
+
+    @field_validator("cache_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
