@@ -83,6 +83,7 @@ class EmbeddedSwarm:
                     args = [
                         "run", "--model", model.ref, "--block-indices", f"{start}:{end}",
                         "--initial-peers", *peers, "--cache-dir", str(self._settings.cache_dir),
+                        "--host-maddrs", "/ip4/127.0.0.1/tcp/0",  # a private dev swarm stays on loopback
                     ]  # fmt: skip
                     servers.append(self._spawn(f"server-{len(servers)}-{start}-{end}", args))
             for child in servers:
