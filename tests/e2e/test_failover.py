@@ -1,0 +1,68 @@
+"""Generations survive a server on their route dying (SIGKILL), leaving (SIGTERM) or hanging (SIGSTOP):
+the session reroutes the failed blocks, replays its past inputs, and the tokens equal an undisturbed run."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from swarm.client import ClientConfig
+from swarm.model import AutoDistributedModelForCausalLM
+from tests.helpers import make_tiny_model, reference_model
+
+NEW_TOKENS = 12
+FAIL_AT = 5
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_model("llama", tmp_path_factory.mktemp("models") / "tiny-failover")
+
+
+@pytest.fixture(scope="module")
+def swarm(local_swarm, folder):
+    """Two servers that stay up and cover the model in two hops; each test adds a one-hop server to kill."""
+    survivors = [local_swarm.start_server(str(folder), span, wait=False) for span in ("0:2", "2:4")]
+    for server in survivors:
+        local_swarm.wait_ready(server)
+    return local_swarm
+
+
+@pytest.fixture(scope="module")
+def model(swarm, folder):
+    config = ClientConfig(initial_peers=swarm.initial_peers, step_timeout_s=3.0, coverage_ttl_s=0.0)
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(folder), initial_peers=[], client_config=config)
+    yield model
+    model.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expected(folder):
+    input_ids = torch.randint(4, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        tokens = reference_model(folder).generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS, do_sample=False,
+        )  # fmt: skip
+    return input_ids, tokens
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP], ids=["kill", "term", "stop"])
+def test_generation_survives_server_failure(swarm, folder, model, expected, sig):
+    victim = swarm.start_server(str(folder), "0:4")
+    input_ids, expected_tokens = expected
+    tokens = input_ids
+    with torch.inference_mode(), model.inference_session(max_length=input_ids.shape[1] + NEW_TOKENS) as session:
+        assert [hop.peer_id for hop in session.session.route] == [victim.peer_id], "the one-hop server is preferred"
+        new = input_ids
+        for i in range(NEW_TOKENS):
+            if i == FAIL_AT:
+                victim.signal(sig)
+            logits = model.head.logits(session.step(model.head.embed(new)), last_only=True)[:, -1]
+            new = logits.argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, new], dim=1)
+        assert session.session.failovers >= 1
+        assert victim.peer_id not in [hop.peer_id for hop in session.session.route]
+    assert tokens.tolist() == expected_tokens.tolist()
