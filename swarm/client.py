@@ -39,7 +39,10 @@ class ClientConfig:
     """How long one step on one server may take before the server is considered dead."""
     connect_timeout_s: float = 10.0
     coverage_ttl_s: float = 2.0
-    """Coverage lookups are cached this long (routing reads them for every new session)."""
+    """Coverage lookups are fresh this long (routing reads them for every new session)."""
+    coverage_max_stale_s: float = 30.0
+    """A staler-than-ttl coverage is still used (and refreshed in the background) up to this age, so opening a
+    session does not wait for a DHT lookup; failover always looks up afresh."""
     max_retries: int = 5
     """Failovers allowed within one session step before the error reaches the caller."""
     ban_s: float = 15.0
@@ -73,6 +76,7 @@ class SwarmClient:
         self.bans = BanList(config.ban_s)
         self._owns_dht = owns_dht
         self._coverage: dict[str, tuple[float, ModelCoverage]] = {}
+        self._refreshing: dict[str, asyncio.Task] = {}
 
     @classmethod
     async def create(cls, config: ClientConfig, dht: DHT | None = None) -> SwarmClient:
@@ -94,11 +98,28 @@ class SwarmClient:
 
     async def model_coverage(self, model_id: str, fresh: bool = False) -> ModelCoverage:
         cached = self._coverage.get(model_id)
-        if cached and not fresh and time.monotonic() - cached[0] < self.config.coverage_ttl_s:
-            return cached[1]
+        if cached and not fresh:
+            age = time.monotonic() - cached[0]
+            if age < self.config.coverage_ttl_s:
+                return cached[1]
+            if age < self.config.coverage_max_stale_s and cached[1].complete:
+                if model_id not in self._refreshing:
+                    self._refreshing[model_id] = asyncio.create_task(self._background_refresh(model_id))
+                return cached[1]
+        return await self._refresh(model_id)
+
+    async def _refresh(self, model_id: str) -> ModelCoverage:
         coverage = await fetch_coverage(self.dht, model_id)
         self._coverage[model_id] = (time.monotonic(), coverage)
         return coverage
+
+    async def _background_refresh(self, model_id: str) -> None:
+        try:
+            await self._refresh(model_id)
+        except Exception as e:  # the next lookup retries; a stale coverage is still usable meanwhile
+            logger.debug("background coverage refresh of %s failed: %s", model_id, e)
+        finally:
+            self._refreshing.pop(model_id, None)
 
     async def route(self, model_id: str, start: int = 0, end: int | None = None, fresh: bool = False) -> list[Hop]:
         coverage = await self.model_coverage(model_id, fresh=fresh)
@@ -147,6 +168,8 @@ class SwarmClient:
         return hidden
 
     async def shutdown(self) -> None:
+        for task in list(self._refreshing.values()):
+            task.cancel()
         if self._owns_dht:
             await asyncio.to_thread(self.dht.shutdown)
 

@@ -45,9 +45,9 @@ class ResolvedModel:
     spec: ModelSpec
 
 
-def block_prefix(i: int) -> str:
-    """The state-dict prefix of decoder layer ``i`` in a Hugging Face causal LM."""
-    return f"model.layers.{i}."
+def block_prefix(spec: ModelSpec, i: int) -> str:
+    """The state-dict prefix of decoder layer ``i`` in a Hugging Face checkpoint of ``spec``'s family."""
+    return spec.family.block_prefix(i)
 
 
 def resolve_model(ref: str, cache_dir: Path, model_id: str | None = None) -> ResolvedModel:

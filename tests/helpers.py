@@ -11,16 +11,43 @@ from typing import Literal
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    BloomConfig,
+    BloomForCausalLM,
+    FalconConfig,
+    FalconForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
-TinyKind = Literal["llama", "qwen2", "llama3"]
-TINY_KINDS: tuple[TinyKind, ...] = ("llama", "qwen2", "llama3")
+TinyKind = Literal[
+    "llama", "qwen2", "llama3", "qwen3", "gemma2", "mixtral", "falcon", "falcon_mq", "falcon_seq", "bloom"
+]
+TINY_KINDS: tuple[TinyKind, ...] = (
+    "llama", "qwen2", "llama3", "qwen3", "gemma2", "mixtral", "falcon", "falcon_mq", "falcon_seq", "bloom"
+)
+_MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "llama": LlamaForCausalLM,
+    "llama3": LlamaForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "gemma2": Gemma2ForCausalLM,
+    "mixtral": MixtralForCausalLM,
+    "falcon": FalconForCausalLM,
+    "falcon_mq": FalconForCausalLM,
+    "falcon_seq": FalconForCausalLM,
+    "bloom": BloomForCausalLM,
+}
 
 _CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -29,7 +56,7 @@ _CHATML = (
 _SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 
 
-def _tiny_config(kind: TinyKind, num_hidden_layers: int) -> LlamaConfig | Qwen2Config:
+def _tiny_config(kind: TinyKind, num_hidden_layers: int) -> PretrainedConfig:
     shape = dict(
         hidden_size=64,
         intermediate_size=128,
@@ -56,7 +83,43 @@ def _tiny_config(kind: TinyKind, num_hidden_layers: int) -> LlamaConfig | Qwen2C
         return LlamaConfig(**shape, tie_word_embeddings=False, rope_parameters=rope)
     if kind == "qwen2":
         return Qwen2Config(**shape, tie_word_embeddings=True)
+    other = _other_family_config(kind, num_hidden_layers)
+    if other is not None:
+        return other
     raise ValueError(f"unknown tiny model kind {kind!r}; known: {', '.join(TINY_KINDS)}")
+
+
+def _other_family_config(kind: TinyKind, num_hidden_layers: int) -> PretrainedConfig | None:
+    """Tiny configs of the non-Llama families; small windows and caps so that their effects show."""
+    common = dict(
+        hidden_size=64, num_hidden_layers=num_hidden_layers, num_attention_heads=4, vocab_size=128,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )  # fmt: skip
+    gqa = dict(common, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256)
+    if kind == "qwen3":
+        return Qwen3Config(**gqa, head_dim=24, attention_bias=True, tie_word_embeddings=False)
+    if kind == "gemma2":
+        return Gemma2Config(
+            **gqa,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=1.5,
+        )
+    if kind == "mixtral":
+        return MixtralConfig(**gqa, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    if kind == "falcon":  # new decoder architecture (Falcon-40B style): grouped kv heads, ln_attn + ln_mlp
+        return FalconConfig(**common, new_decoder_architecture=True, num_kv_heads=2, ffn_hidden_size=96)
+    if kind == "falcon_mq":  # Falcon-7B style: multi-query, parallel attention/MLP, one LayerNorm
+        return FalconConfig(**common, new_decoder_architecture=False, multi_query=True, parallel_attn=True)
+    if kind == "falcon_seq":  # old architecture, multi-head, sequential attention then MLP, with biases
+        return FalconConfig(
+            **common, new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True
+        )
+    if kind == "bloom":
+        return BloomConfig(**common)
+    return None
 
 
 def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -90,12 +153,11 @@ def make_tiny_model(
     """
     config = _tiny_config(kind, num_hidden_layers)
     torch.manual_seed(seed)
-    model_class = Qwen2ForCausalLM if kind == "qwen2" else LlamaForCausalLM
-    model = model_class(config).eval()
-    # Default init makes norms exactly 1 and biases 0; perturb them so the tests notice a missed weight.
+    model = _MODEL_CLASSES[kind](config).eval()
+    # Default init makes norms exactly 1 (Gemma: 0) and biases 0; perturb them so the tests notice a missed weight.
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
+            if name.endswith("norm.weight") or name.endswith(".bias") or ".ln_" in name:
                 param.add_(torch.randn_like(param) * 0.1)
     folder = Path(folder)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

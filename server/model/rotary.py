@@ -51,12 +51,17 @@ def _llama3_scaling(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """Turns token positions into the cos/sin tables that ``apply_rotary`` needs."""
+    """Turns token positions into the cos/sin tables that ``apply_rotary`` needs (one per span forward)."""
 
     def __init__(self, spec: ModelSpec, device: torch.device | str | None = None):
         super().__init__()
         self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inverse_frequencies(spec, device), persistent=False)
+
+    def forward(self, start: int, length: int, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positional inputs of a span forward at positions ``[start, start + length)``: ``(cos, sin)``."""
+        positions = torch.arange(start, start + length, device=self.inv_freq.device).expand(batch, length)
+        return self.cos_sin(positions, dtype)  # each [B, S, Dh]
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: LongTensor [B, S] -> (cos, sin), each [B, S, head_dim] in ``dtype``.

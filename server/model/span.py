@@ -3,27 +3,43 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from server.model.llama import KVSlot
-from server.model.rotary import RotaryEmbedding
+from server.model.attention import KVSlot
 from swarm.config import ModelSpec
 from swarm.weights import ResolvedModel, block_prefix, load_tensors
 
 logger = logging.getLogger(__name__)
 
-BLOCK_CLASSES: dict[str, type[nn.Module]] = {}
+class BlockClass(Protocol):
+    """What ``BLOCK_CLASSES`` holds: a decoder-layer class and the positional encoding its blocks share."""
+
+    positional: Callable[[ModelSpec, torch.device | str | None], nn.Module]
+
+    def __call__(
+        self, spec: ModelSpec, layer_idx: int, *, dtype: torch.dtype | None, device: torch.device | str | None
+    ) -> nn.Module: ...
+
+
+BLOCK_CLASSES: dict[str, BlockClass] = {}
 """model_type -> decoder-layer class, filled in by ``server.model`` (imported before this module, always).
 
-A class takes ``(spec, *, dtype, device)``, has HF layer parameter names, and its forward is
-``(hidden [B, S, D], cos [B, S, Dh], sin [B, S, Dh], kv: KVSlot | None) -> [B, S, D]``.
+A class takes ``(spec, layer_idx, *, dtype, device)`` and has HF layer parameter names. Its class attribute
+``positional`` is a module class built as ``positional(spec, device)`` whose forward
+``(start, length, batch, dtype)`` returns the positional tensors of one span forward (rotary: ``(cos, sin)``,
+each [B, S, Dh]; ALiBi: ``(bias [1, H, S, T],)``), computed once and shared by the span's blocks.
+The block's forward is ``(hidden [B, S, D], *positional tensors, kv: KVSlot | None) -> [B, S, D]``.
 """
 
 
 class SpanCache:
     """Preallocated keys and values for a run of consecutive blocks: ``[num_blocks, B, H_kv, capacity, Dh]``.
+
+    ``H_kv`` is ``spec.num_key_value_heads``: the kv heads a block caches (all heads for BLOOM).
 
     Slot ``j`` belongs to the ``j``-th block that a forward runs (see ``BlockSpan.forward``). Positions
     are token positions: a forward at ``start_position`` writes there and attends over
@@ -74,7 +90,7 @@ class SpanCache:
 
 
 class BlockSpan(nn.Module):
-    """Blocks ``[start, end)`` of a model plus the rotary tables they share.
+    """Blocks ``[start, end)`` of a model plus the positional encoding (rotary tables, ALiBi) they share.
 
     ``blocks[k]`` is model block ``start + k``; its state dict holds ``blocks.{k}.<HF layer names>``.
     """
@@ -97,8 +113,8 @@ class BlockSpan(nn.Module):
         self.spec = spec
         self.start = start
         self.end = end
-        self.rotary = RotaryEmbedding(spec, device)
-        self.blocks = nn.ModuleList(block_class(spec, dtype=dtype, device=device) for _ in range(start, end))
+        self.positions = block_class.positional(spec, device)
+        self.blocks = nn.ModuleList(block_class(spec, i, dtype=dtype, device=device) for i in range(start, end))
 
     @classmethod
     def load(
@@ -112,7 +128,7 @@ class BlockSpan(nn.Module):
         """Build the span, reading only its blocks' tensors, block by block (memory grows with the span)."""
         span = cls(resolved.spec, start, end, dtype=dtype, device=device)
         for k, block in enumerate(span.blocks):
-            prefix = block_prefix(start + k)
+            prefix = block_prefix(resolved.spec, start + k)
             tensors = load_tensors(resolved.folder, lambda name, p=prefix: name.startswith(p), dtype, device)
             block.load_state_dict({name[len(prefix) :]: t for name, t in tensors.items()}, strict=True)
         logger.info("loaded blocks %d:%d of %s (%s, %s)", start, end, resolved.model_id, dtype, device)
@@ -138,11 +154,10 @@ class BlockSpan(nn.Module):
             raise ValueError(f"hidden size {d} does not match the model's {self.spec.hidden_size}")
         if cache is not None:
             self._check_cache(cache, last - first, b, start_position + s)
-        positions = torch.arange(start_position, start_position + s, device=hidden.device).expand(b, s)
-        cos, sin = self.rotary.cos_sin(positions, hidden.dtype)  # each [B, S, Dh]
+        positional = self.positions(start_position, s, b, hidden.dtype)  # e.g. (cos, sin), each [B, S, Dh]
         for j, k in enumerate(range(first, last)):
             kv = cache.slot(j, start_position) if cache is not None else None
-            hidden = self.blocks[k](hidden, cos, sin, kv)
+            hidden = self.blocks[k](hidden, *positional, kv)
         return hidden
 
     def _local_range(self, blocks: slice | None) -> tuple[int, int]:

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from server.model import BlockSpan
+from swarm.config import ModelSpec
 from swarm.head import ModelHead
 from swarm.weights import block_prefix, load_tensors, resolve_model, safetensors_files
 from tests.helpers import make_tiny_model
@@ -34,7 +35,7 @@ def test_resolve_sharded_folder_and_load_across_shards(sharded_dir: Path, tmp_pa
     assert len(set(files.values())) > 1
     resolved = resolve_model(str(sharded_dir), tmp_path)
     assert resolved.model_id == "tiny-sharded" and resolved.spec.num_hidden_layers == 6
-    names = ["model.embed_tokens.weight", "lm_head.weight", block_prefix(3) + "mlp.down_proj.weight"]
+    names = ["model.embed_tokens.weight", "lm_head.weight", block_prefix(resolved.spec, 3) + "mlp.down_proj.weight"]
     assert len({files[n] for n in names}) > 1
     tensors = load_tensors(sharded_dir, names, torch.float32)
     assert set(tensors) == set(names)
@@ -43,7 +44,7 @@ def test_resolve_sharded_folder_and_load_across_shards(sharded_dir: Path, tmp_pa
 
 
 def test_load_tensors_reads_only_requested(tiny_llama_dir: Path) -> None:
-    prefix = block_prefix(1)
+    prefix = block_prefix(ModelSpec.from_folder(tiny_llama_dir), 1)
     tensors = load_tensors(tiny_llama_dir, lambda n: n.startswith(prefix), torch.float64)
     assert tensors and all(n.startswith(prefix) for n in tensors)
     assert all(t.dtype == torch.float64 for t in tensors.values())
@@ -74,8 +75,9 @@ def test_head_ties_embeddings_without_copy(tiny_qwen2_dir: Path, tiny_llama_dir:
 
 
 def test_block_state_dict_has_hf_names(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    span = BlockSpan.load(resolve_model(str(tiny_llama_dir), tmp_path), 0, 1)
-    file_names = {n[len(block_prefix(0)) :] for n in safetensors_files(tiny_llama_dir) if n.startswith(block_prefix(0))}
+    resolved = resolve_model(str(tiny_llama_dir), tmp_path)
+    span, prefix = BlockSpan.load(resolved, 0, 1), block_prefix(resolved.spec, 0)
+    file_names = {n[len(prefix) :] for n in safetensors_files(tiny_llama_dir) if n.startswith(prefix)}
     assert set(span.blocks[0].state_dict()) == file_names
     # The fused q/k/v weight and its HF-named views stay one storage after a dtype change.
     block = span.blocks[0].to(torch.float64)
