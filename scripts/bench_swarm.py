@@ -1,0 +1,114 @@
+"""Single-stream decode speed and time to first token: SmolLM2 through a two-server loopback swarm vs the same
+model run locally in one process with transformers' ``generate``, measured alternately in one run.
+
+    .venv/bin/python scripts/bench_swarm.py [--new-tokens 128] [--rounds 3] [--server-threads 2]
+
+Prints medians and the swarm/local ratio; saves artifacts/bench_swarm.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from swarm.model import AutoDistributedModelForCausalLM  # noqa: E402
+from swarm.weights import resolve_model  # noqa: E402
+from tests.e2e.harness import LocalSwarm  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+CACHE = REPO / ".cache" / "models"
+
+
+def timed(fn) -> float:
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
+
+
+def measure(generate_n, new_tokens: int) -> tuple[float, float]:
+    """(time to first token in s, decode tokens/s after the first)."""
+    ttft = timed(lambda: generate_n(1))
+    total = timed(lambda: generate_n(new_tokens))
+    return ttft, (new_tokens - 1) / max(total - ttft, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--server-threads", type=int, default=2)
+    parser.add_argument("--local-threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.local_threads)
+
+    resolved = resolve_model(MODEL, CACHE)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.folder)
+    messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    input_ids = tokenizer(text, return_tensors="pt").input_ids
+    local = AutoModelForCausalLM.from_pretrained(resolved.folder, dtype=torch.float32).eval()
+
+    swarm = LocalSwarm(Path(tempfile.mkdtemp(prefix="bench-swarm-")), CACHE)
+    try:
+        swarm.start_bootstrap()
+        threads = ["--num-threads", str(args.server_threads)]
+        servers = [swarm.start_server(MODEL, span, *threads, wait=False) for span in ("0:15", "15:30")]
+        for server in servers:
+            swarm.wait_ready(server)
+        remote = AutoDistributedModelForCausalLM.from_pretrained(MODEL, swarm.initial_peers, cache_dir=CACHE)
+
+        def run_local(n: int) -> torch.Tensor:
+            with torch.inference_mode():
+                return local.generate(
+                    input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False,
+                )  # fmt: skip
+
+        def run_swarm(n: int) -> torch.Tensor:
+            return remote.generate(input_ids, max_new_tokens=n, eos_token_id=[])
+
+        same = run_local(32).tolist() == run_swarm(32).tolist()  # also warms both up
+        results: dict[str, list[tuple[float, float]]] = {"local": [], "swarm": []}
+        for round_index in range(args.rounds):
+            for name, fn in (("local", run_local), ("swarm", run_swarm)):
+                ttft, tps = measure(fn, args.new_tokens)
+                results[name].append((ttft, tps))
+                print(f"round {round_index + 1} {name:5s}: ttft {ttft * 1000:6.1f} ms, decode {tps:5.1f} tokens/s")
+        remote.shutdown()
+    finally:
+        swarm.stop()
+
+    summary = {
+        name: {
+            "ttft_ms_median": statistics.median(r[0] for r in rows) * 1000,
+            "decode_tokens_per_s_median": statistics.median(r[1] for r in rows),
+        }
+        for name, rows in results.items()
+    }
+    ratio = summary["swarm"]["decode_tokens_per_s_median"] / summary["local"]["decode_tokens_per_s_median"]
+    report = {
+        "model": MODEL, "prompt_tokens": input_ids.shape[1], "new_tokens": args.new_tokens, "rounds": args.rounds,
+        "server_threads": args.server_threads, "local_threads": args.local_threads, "greedy_tokens_equal": same,
+        "summary": summary, "swarm_over_local_decode": ratio, "raw": results,
+    }  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    print(f"swarm/local decode speed: {ratio:.2f} (target >= 0.8); greedy tokens equal: {same}")
+    out = REPO / "artifacts" / "bench_swarm.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
