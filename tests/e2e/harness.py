@@ -6,6 +6,7 @@ with its log; everything is torn down by PID. Logs of all children are printed w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,6 +15,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from swarm.messages import StepResult  # noqa: E402
+from swarm.service import BlockService  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180.0
@@ -105,3 +109,20 @@ class LocalSwarm:
             except subprocess.TimeoutExpired:
                 child.process.kill()
                 child.process.wait()
+
+
+async def stream_once(client, peer_id: str, request) -> StepResult:
+    """Send one raw inference request to a server and return its first answer's metadata."""
+    stub = BlockService.get_stub(client.p2p, client.peer(peer_id))
+    answered = asyncio.Event()
+
+    async def requests():
+        yield request
+        await answered.wait()  # keep our side open, as a real client does, until the answer is read
+
+    responses = await stub.rpc_inference(requests())
+    try:
+        response = await asyncio.wait_for(anext(responses), 30)
+    finally:
+        answered.set()
+    return StepResult.decode(response.metadata)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 from hivemind.proto import runtime_pb2
@@ -11,11 +9,12 @@ from transformers import AutoTokenizer
 
 from swarm.client import ClientConfig, SwarmClient
 from swarm.errors import BadRequestError, SessionError
-from swarm.messages import ForwardRequest, InferenceStep, OpenSession, RpcResult, StepResult
+from swarm.messages import ForwardRequest, InferenceStep, OpenSession, RpcResult
 from swarm.model import AutoDistributedModelForCausalLM
 from swarm.service import BlockService
 from swarm.tensors import encode
 from tests.e2e.conftest import MODEL_CACHE
+from tests.e2e.harness import stream_once
 from tests.helpers import reference_model
 
 MODEL = "smollm2-135m-instruct"
@@ -105,22 +104,6 @@ BAD_STREAMS = {
 }
 
 
-async def _stream_once(client: SwarmClient, peer_id: str, request: runtime_pb2.ExpertRequest) -> StepResult:
-    stub = BlockService.get_stub(client.p2p, client.peer(peer_id))
-    answered = asyncio.Event()
-
-    async def requests():
-        yield request
-        await answered.wait()  # keep our side open, as a real client does, until the answer is read
-
-    responses = await stub.rpc_inference(requests())
-    try:
-        response = await asyncio.wait_for(anext(responses), 30)
-    finally:
-        answered.set()
-    return StepResult.decode(response.metadata)
-
-
 async def _good_step(client: SwarmClient) -> None:
     async with client.inference_session(MODEL, max_length=4) as session:
         out = await session.step(torch.randn(1, 4, 576))
@@ -134,15 +117,15 @@ async def test_bad_inference_requests_get_structured_errors_and_server_survives(
         for name, (make_open, make_hidden, error) in BAD_STREAMS.items():
             meta = InferenceStep(open=make_open(), position=0)
             request = runtime_pb2.ExpertRequest(tensors=[encode(make_hidden())], metadata=meta.encode())
-            result = await _stream_once(client, first.peer_id, request)
+            result = await stream_once(client, first.peer_id, request)
             assert result.error is not None, name
             assert result.error.code == error.code, (name, result.error)
         garbage = runtime_pb2.ExpertRequest(metadata=b"\xff\x00garbage")
-        result = await _stream_once(client, first.peer_id, garbage)
+        result = await stream_once(client, first.peer_id, garbage)
         assert result.error is not None and result.error.code == BadRequestError.code
         broken_tensor = runtime_pb2.Tensor(buffer=b"\x01\x02\x03", size=[1, 2, 576], dtype="float32")
         meta = InferenceStep(open=_open("j"), position=0)
-        result = await _stream_once(
+        result = await stream_once(
             client, first.peer_id, runtime_pb2.ExpertRequest(tensors=[broken_tensor], metadata=meta.encode())
         )
         assert result.error is not None and result.error.code == BadRequestError.code
@@ -167,7 +150,7 @@ async def test_step_past_session_position_is_refused(swarm):
         first = next(c for c in swarm.children if c.info.get("start") == 0)
         meta = InferenceStep(open=_open("k"), position=3)
         request = runtime_pb2.ExpertRequest(tensors=[encode(torch.randn(1, 1, 576))], metadata=meta.encode())
-        result = await _stream_once(client, first.peer_id, request)
+        result = await stream_once(client, first.peer_id, request)
         assert result.error is not None and "past the session" in result.error.message
         await _good_step(client)
     finally:
