@@ -76,4 +76,5 @@ class SpanBackend:
         return (self.end - self.start) / max(per_step, 1e-6)
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Finish the steps already queued, then stop the compute thread."""
+        self._executor.shutdown(wait=True)

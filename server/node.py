@@ -28,6 +28,9 @@ from swarm.weights import resolve_model
 
 logger = logging.getLogger(__name__)
 
+LEAVE_GRACE_S = 5.0
+"""How long a leaving server waits for its open sessions to hand over before it exits anyway."""
+
 try:
     from importlib.metadata import version as _pkg_version
 
@@ -133,15 +136,24 @@ async def serve(settings: ServerSettings) -> None:
     try:
         await stop.wait()
     finally:
-        logger.info("shutting down: announcing offline")
-        state.accepting = False
-        await announcer.stop()
-        try:
-            await asyncio.wait_for(announcer.announce_now(ServerState.OFFLINE, expiration_s=30), 5)
-        except Exception as e:
-            logger.warning("could not announce offline state: %s", e)
-        backend.shutdown()
+        await _leave(handler, announcer, backend, sessions)
         await asyncio.to_thread(dht.shutdown)
+
+
+async def _leave(handler: BlockHandler, announcer: Announcer, backend: SpanBackend, sessions: SessionRegistry) -> None:
+    """Graceful leave: announce offline first (routing stops choosing us), tell open sessions to fail over once
+    their step in flight is answered, let the compute queue drain, then go."""
+    logger.info("leaving: announcing offline, handing %d open session(s) back to clients", len(sessions.sessions))
+    await announcer.stop()
+    try:
+        await asyncio.wait_for(announcer.announce_now(ServerState.OFFLINE, expiration_s=30), 5)
+    except Exception as e:
+        logger.warning("could not announce offline state: %s", e)
+    handler.leaving.set()
+    deadline = time.monotonic() + LEAVE_GRACE_S
+    while sessions.sessions and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(backend.shutdown)
 
 
 async def _pick_span(settings: ServerSettings, dht: DHT, model_id: str, num_blocks: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from server.backend import SpanBackend
 from server.sessions import Session, SessionRegistry
 from server.settings import ServerSettings
 from server.validation import check_hidden, check_span, decode_tensors
-from swarm.errors import BadRequestError, ErrorPayload, SessionError, SwarmError
+from swarm.errors import BadRequestError, ErrorPayload, ServerLeavingError, SessionError, SwarmError
 from swarm.messages import ForwardRequest, InferenceStep, OpenSession, RpcResult, ServerInfoResult, StepResult
 from swarm.tensors import encode
 
@@ -35,7 +35,6 @@ class ServingState:
     end: int
     hidden_size: int
     max_length: int
-    accepting: bool = True
     version: str = ""
 
 
@@ -47,6 +46,8 @@ class BlockHandler:
         self.backend = backend
         self.sessions = sessions
         self.settings = settings
+        self.leaving = asyncio.Event()
+        """Set on graceful shutdown: open sessions are told to fail over, new ones are refused."""
 
     # --- inference -------------------------------------------------------------------------------------------
     async def rpc_inference(
@@ -57,11 +58,15 @@ class BlockHandler:
         try:
             while True:
                 try:
-                    request = await asyncio.wait_for(anext(requests), self.settings.session_idle_timeout_s)
+                    request = await self._next_request(requests)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
                     yield _step_error(SessionError("session closed: idle for too long").to_payload())
+                    return
+                except ServerLeavingError as e:
+                    # Tell the client now, so it fails over at once instead of finding a dead stream later.
+                    yield _step_error(e.to_payload())
                     return
                 try:
                     step = InferenceStep.decode(request.metadata)
@@ -81,12 +86,29 @@ class BlockHandler:
             if session is not None:
                 self.sessions.close(session)
 
+    async def _next_request(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> runtime_pb2.ExpertRequest:
+        """The next request; TimeoutError when idle too long, ServerLeavingError once the server is leaving."""
+        receive = asyncio.ensure_future(anext(requests))
+        leaving = asyncio.ensure_future(self.leaving.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {receive, leaving}, timeout=self.settings.session_idle_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            leaving.cancel()
+        if receive in done:
+            return receive.result()
+        receive.cancel()
+        if leaving in done:
+            raise ServerLeavingError("this server is leaving the swarm; continue on another server")
+        raise TimeoutError
+
     def _open(self, open_msg: OpenSession | None, peer: str) -> Session:
         if open_msg is None:
             raise SessionError("the first message of an inference stream must open a session")
         self._check_span_request(open_msg)
-        if not self.state.accepting:
-            raise SessionError("server is shutting down and takes no new sessions")
+        if self.leaving.is_set():
+            raise ServerLeavingError("this server is leaving the swarm and takes no new sessions")
         if open_msg.max_length > self.state.max_length:
             raise BadRequestError(
                 f"max_length {open_msg.max_length} exceeds this server's limit {self.state.max_length}"

@@ -7,6 +7,7 @@
     │   ├── BadRequestError         the request was malformed (shape, dtype, non-finite, length)
     │   ├── SessionError            unknown, closed or expired session
     │   ├── ServerBusyError         cache or session limits reached                            retryable
+    │   ├── ServerLeavingError      the server is shutting down gracefully                     retryable
     │   └── ProtocolMismatchError   the peer speaks another protocol version
     └── PeerUnreachableError        the transport failed or timed out                          retryable
 
@@ -70,6 +71,11 @@ class ServerBusyError(RemoteError):
     retryable = True
 
 
+class ServerLeavingError(RemoteError):
+    code = "server_leaving"
+    retryable = True
+
+
 class ProtocolMismatchError(RemoteError):
     code = "protocol_mismatch"
 
@@ -80,7 +86,8 @@ class PeerUnreachableError(SwarmError):
 
 
 _BY_CODE: dict[str, type[SwarmError]] = {
-    cls.code: cls for cls in (RemoteError, BadRequestError, SessionError, ServerBusyError, ProtocolMismatchError)
+    cls.code: cls
+    for cls in (RemoteError, BadRequestError, SessionError, ServerBusyError, ServerLeavingError, ProtocolMismatchError)
 }
 
 

@@ -32,7 +32,9 @@ def swarm(local_swarm, folder):
 
 @pytest.fixture(scope="module")
 def model(swarm, folder):
-    config = ClientConfig(initial_peers=swarm.initial_peers, step_timeout_s=3.0, coverage_ttl_s=0.0)
+    config = ClientConfig(
+        initial_peers=swarm.initial_peers, step_timeout_s=3.0, coverage_ttl_s=0.0, coverage_max_stale_s=0.0
+    )
     model = AutoDistributedModelForCausalLM.from_pretrained(str(folder), initial_peers=[], client_config=config)
     yield model
     model.shutdown()
