@@ -23,8 +23,9 @@ from hivemind.p2p import P2P, PeerID
 
 from swarm.dht import fetch_coverage, fetch_models
 from swarm.errors import MissingBlocksError, ModelNotFoundError, PeerUnreachableError, SwarmError
+from swarm.latency import LatencyTracker
 from swarm.records import ModelCoverage
-from swarm.routing import Hop, choose_route
+from swarm.routing import Hop, choose_route, missing_blocks
 from swarm.session import InferenceSession
 from swarm.span_call import call_forward
 
@@ -74,6 +75,7 @@ class SwarmClient:
         self.dht = dht
         self.p2p = p2p
         self.bans = BanList(config.ban_s)
+        self.latencies = LatencyTracker(self)
         self._owns_dht = owns_dht
         self._coverage: dict[str, tuple[float, ModelCoverage]] = {}
         self._refreshing: dict[str, asyncio.Task] = {}
@@ -121,16 +123,30 @@ class SwarmClient:
         finally:
             self._refreshing.pop(model_id, None)
 
-    async def route(self, model_id: str, start: int = 0, end: int | None = None, fresh: bool = False) -> list[Hop]:
+    async def route(
+        self, model_id: str, start: int = 0, end: int | None = None, fresh: bool = False, cache_tokens: int = 0
+    ) -> list[Hop]:
+        """Cheapest chain of servers for blocks [start, end), by measured latency and announced throughput.
+
+        Servers announcing less cache room than ``cache_tokens`` are avoided while others can serve the blocks.
+        """
         coverage = await self.model_coverage(model_id, fresh=fresh)
         if coverage.num_blocks == 0:
             raise ModelNotFoundError(f"no server announces model {model_id!r}")
-        try:
-            return choose_route(coverage, start, end, banned=self.bans.banned(), jitter=self.config.route_jitter)
-        except MissingBlocksError:
-            if fresh:
-                raise
-        return await self.route(model_id, start, end, fresh=True)
+        await self.latencies.measure([s.peer_id for s in coverage.servers])
+        banned = self.bans.banned()
+        short_of_cache = {s.peer_id for s in coverage.servers if s.record.cache_tokens_left < cache_tokens}
+        for avoid in (banned | short_of_cache, banned):
+            try:
+                return choose_route(
+                    coverage, start, end, banned=avoid, latencies=self.latencies.snapshot(),
+                    jitter=self.config.route_jitter,
+                )  # fmt: skip
+            except MissingBlocksError:
+                continue
+        if fresh:
+            raise MissingBlocksError(model_id, missing_blocks(coverage, banned))
+        return await self.route(model_id, start, end, fresh=True, cache_tokens=cache_tokens)
 
     def inference_session(self, model_id: str, max_length: int, batch_size: int = 1) -> InferenceSession:
         return InferenceSession(self, model_id, max_length=max_length, batch_size=batch_size)

@@ -68,7 +68,7 @@ class InferenceSession:
         await self.close()
 
     async def open(self) -> None:
-        route = await self.client.route(self.model_id)
+        route = await self.client.route(self.model_id, cache_tokens=self.batch_size * self.max_length)
         self._spans = [_Span(self._stream(hop)) for hop in route]
         logger.info(
             "session %s: model %s route %s",
@@ -139,7 +139,9 @@ class InferenceSession:
         )
         self.client.bans.ban(hop.peer_id)
         await failed.stream.close()
-        route = await self.client.route(self.model_id, hop.start, hop.end, fresh=True)
+        route = await self.client.route(
+            self.model_id, hop.start, hop.end, fresh=True, cache_tokens=self.batch_size * self.max_length
+        )
         replacements = [_Span(self._stream(new_hop)) for new_hop in route]
         if position > 0:
             replay = torch.cat(failed.inputs, dim=1) if len(failed.inputs) > 1 else failed.inputs[0]

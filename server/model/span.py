@@ -15,6 +15,7 @@ from swarm.weights import ResolvedModel, block_prefix, load_tensors
 
 logger = logging.getLogger(__name__)
 
+
 class BlockClass(Protocol):
     """What ``BLOCK_CLASSES`` holds: a decoder-layer class and the positional encoding its blocks share."""
 

@@ -37,7 +37,10 @@ def test_tiny_model_matches_local(swarm, tiny_models, kind):
             torch.testing.assert_close(model(input_ids).logits, reference(input_ids).logits, atol=1e-5, rtol=1e-4)
             ours = model.generate(input_ids, max_new_tokens=12, eos_token_id=[])
             theirs = reference.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=12, min_new_tokens=12,
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=12,
+                min_new_tokens=12,
                 do_sample=False,
             )
         assert ours.tolist() == theirs.tolist()
