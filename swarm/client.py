@@ -186,6 +186,7 @@ class SwarmClient:
     async def shutdown(self) -> None:
         for task in list(self._refreshing.values()):
             task.cancel()
+        await self.p2p.shutdown()  # our replica of the DHT's p2p daemon connection, bound to this loop
         if self._owns_dht:
             await asyncio.to_thread(self.dht.shutdown)
 
