@@ -38,6 +38,10 @@ class ClientConfig:
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     step_timeout_s: float = 30.0
     """How long one step on one server may take before the server is considered dead."""
+    min_step_timeout_s: float = 2.0
+    step_timeout_factor: float = 20.0
+    """A decode step slower than factor x that server's recent decode steps (but at least min_step_timeout_s)
+    counts as a dead server, so a crash that shows only as silence stalls a stream for seconds, not 30 s."""
     connect_timeout_s: float = 10.0
     coverage_ttl_s: float = 2.0
     """Coverage lookups are fresh this long (routing reads them for every new session)."""
@@ -136,7 +140,8 @@ class SwarmClient:
         await self.latencies.measure([s.peer_id for s in coverage.servers])
         banned = self.bans.banned()
         short_of_cache = {s.peer_id for s in coverage.servers if s.record.cache_tokens_left < cache_tokens}
-        for avoid in (banned | short_of_cache, banned):
+        # Last resort: a recently failed server (maybe just slow) beats failing the request.
+        for avoid in (banned | short_of_cache, banned, set()):
             try:
                 return choose_route(
                     coverage, start, end, banned=avoid, latencies=self.latencies.snapshot(),

@@ -82,3 +82,9 @@ class ServerInfoResult(_Message):
     end: int = 0
     cache_tokens_left: int = 0
     active_sessions: int = 0
+    max_batch_sessions_seen: int = 0
+    """Most sessions whose steps one forward of this server has run together (continuous batching)."""
+    max_batch_rows_seen: int = 0
+    """Most rows (sum of those sessions' batch sizes) one forward has run."""
+    batched_steps: int = 0
+    """Steps that ran in a forward shared with another session's."""

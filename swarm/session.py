@@ -8,6 +8,7 @@ replaying the remembered inputs, and retries the step. Greedy output is unchange
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -57,6 +58,8 @@ class InferenceSession:
         self.session_id = uuid.uuid4().hex
         self.position = 0
         self.failovers = 0
+        self.recovery_s: list[float] = []
+        """Time each failover took from the failure being noticed to the replacement being ready."""
         self._spans: list[_Span] = []
         self._closed = False
 
@@ -126,6 +129,7 @@ class InferenceSession:
 
     async def _replace(self, index: int, error: SwarmError, position: int) -> None:
         """Swap span ``index`` for fresh servers covering the same blocks, replaying its inputs up to ``position``."""
+        began = time.perf_counter()
         failed = self._spans[index]
         hop = failed.hop
         self.failovers += 1
@@ -157,6 +161,7 @@ class InferenceSession:
                 span.inputs = [replay]
                 replay = out
         self._spans[index : index + 1] = replacements
+        self.recovery_s.append(time.perf_counter() - began)
         logger.info(
             "session %s: blocks %d:%d now on %s",
             self.session_id[:8],

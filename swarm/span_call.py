@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import TYPE_CHECKING
@@ -79,6 +80,7 @@ class SpanStream:
         self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
         self._step_id = 0
+        self._decode_s: float | None = None  # moving average of this stream's single-token step time
         self.closed = False
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
@@ -89,7 +91,8 @@ class SpanStream:
         meta = InferenceStep(open=self._open_msg, position=position, step_id=self._step_id)
         self._open_msg = None
         await self._requests.put(runtime_pb2.ExpertRequest(tensors=[encode(hidden)], metadata=meta.encode()))
-        timeout = self._client.config.step_timeout_s
+        timeout = self._step_timeout(hidden.shape[1])
+        began = time.perf_counter()
         try:
             if self._responses is None:
                 stub = BlockService.get_stub(self._client.p2p, self._client.peer(self.hop.peer_id))
@@ -113,7 +116,18 @@ class SpanStream:
         if not response.tensors:
             await self.close()
             raise PeerUnreachableError(f"peer {self.hop.peer_id} sent an empty step response")
+        if hidden.shape[1] == 1:
+            elapsed = time.perf_counter() - began
+            self._decode_s = elapsed if self._decode_s is None else 0.8 * self._decode_s + 0.2 * elapsed
         return decode(response.tensors[0])
+
+    def _step_timeout(self, length: int) -> float:
+        """A dead server often shows only as silence, so a decode step that takes far longer than this server's
+        recent decode steps counts as a failure; prefills and first steps get the full configured timeout."""
+        config = self._client.config
+        if length > 1 or self._decode_s is None:
+            return config.step_timeout_s
+        return min(config.step_timeout_s, max(config.min_step_timeout_s, config.step_timeout_factor * self._decode_s))
 
     async def _iterate_requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while True:

@@ -7,6 +7,7 @@ with its log; everything is torn down by PID. Logs of all children are printed w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -39,8 +40,15 @@ class Child:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def signal(self, sig: int) -> None:
+        """SIGKILL takes the child's whole process group, as a machine that dies takes a server's process, its
+        DHT process and its p2p daemon (a lone SIGKILL would leave the DHT process orphaned and the streams open).
+        Other signals go to the server process only (SIGTERM: graceful leave; SIGSTOP: a hung server)."""
         if self.process.poll() is None:
-            os.kill(self.process.pid, sig)
+            with contextlib.suppress(ProcessLookupError):
+                if sig == signal.SIGKILL:
+                    os.killpg(self.process.pid, sig)
+                else:
+                    os.kill(self.process.pid, sig)
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -107,8 +115,10 @@ class LocalSwarm:
             try:
                 child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                child.process.kill()
+                child.signal(signal.SIGKILL)
                 child.process.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)  # whatever the group left behind
 
 
 async def stream_once(client, peer_id: str, request) -> StepResult:
