@@ -339,3 +339,12 @@ def test_missing_blocks_is_503_with_retry_after(sdk, gateway, local_swarm):
         error = _error(info.value)
         assert error["type"] == "service_unavailable" and error["code"] == "missing_blocks"
     assert gateway.alive()
+
+
+def test_a_server_joining_brings_the_model_back(sdk, gateway, local_swarm, greedy_france):
+    """Runs after the 503 test: a new server for the missing blocks makes the same gateway serve again."""
+    local_swarm.start_server(MODEL, "15:30")
+    gateway.wait_health(lambda h: h["models"][MODEL]["complete"], timeout_s=30)
+    again = sdk.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=GREEDY_TOKENS)
+    assert again.choices[0].message.content == greedy_france.choices[0].message.content
+    assert gateway.alive()
