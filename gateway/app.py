@@ -11,12 +11,15 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from gateway.api import chat, completions, health, models
+from gateway.api import chat, completions, health, models, monitoring
 from gateway.embedded import EmbeddedSwarm, ready_banner, wait_until_served
 from gateway.errors import install_error_handlers
 from gateway.generation.model import LoadedModel, ModelLoader, load_model
 from gateway.generation.protocols import SwarmClientLike
+from gateway.instrumentation import MetricsMiddleware, ObservedSwarm
+from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestIdMiddleware
+from gateway.services.swarm_view import SwarmInspectorLike, SwarmView
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 
@@ -24,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 SwarmFactory = Callable[[list[str]], Awaitable[SwarmClientLike]]
 """initial peers -> a connected swarm client."""
+
+InspectorFactory = Callable[[SwarmClientLike], SwarmInspectorLike]
+"""the connected swarm client -> what /v1/swarm reads (every announced model, server probes)."""
 
 
 async def connect_swarm(initial_peers: list[str]) -> SwarmClientLike:
@@ -33,13 +39,22 @@ async def connect_swarm(initial_peers: list[str]) -> SwarmClientLike:
     return await SwarmClient.create(ClientConfig(initial_peers=initial_peers))
 
 
+def connect_inspector(swarm: SwarmClientLike) -> SwarmInspectorLike:
+    """The real inspector over the real client (imported here for the same reason as ``connect_swarm``)."""
+    from swarm.probe import SwarmInspector
+
+    return SwarmInspector(swarm)  # type: ignore[arg-type]
+
+
 def create_app(
     settings: GatewaySettings,
     *,
     swarm_factory: SwarmFactory = connect_swarm,
     model_loader: ModelLoader = load_model,
+    inspector_factory: InspectorFactory = connect_inspector,
 ) -> FastAPI:
     """Build the app; nothing starts until its lifespan runs (so exporting the OpenAPI schema is free)."""
+    metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,7 +74,10 @@ def create_app(
             if embedded is not None:
                 await wait_until_served(swarm, list(loaded), settings.startup_timeout_s)
                 print(ready_banner(settings, next(iter(loaded))), flush=True)
-            app.state.gateway = GatewayState(settings=settings, swarm=swarm, models=loaded)
+            blocks = {m.model_id: m.num_blocks for m in loaded.values()}
+            app.state.swarm_view = SwarmView(inspector_factory(swarm), blocks, metrics)
+            observed = ObservedSwarm(swarm, metrics)
+            app.state.gateway = GatewayState(settings=settings, swarm=observed, models=loaded)
             logger.info("gateway ready: models %s, peers %s", ", ".join(loaded), " ".join(peers))
             yield
             logger.info("gateway shutting down")
@@ -71,8 +89,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
     install_error_handlers(app)
-    for router in (chat.router, completions.router, models.router, health.router):
+    for router in (chat.router, completions.router, models.router, health.router, monitoring.router):
         app.include_router(router)
     if settings.cors_origins:
         app.add_middleware(
@@ -82,6 +101,7 @@ def create_app(
             allow_headers=["*"],
             expose_headers=["x-request-id", "retry-after"],
         )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost: names every response, catches what is left
     _document_400_not_422(app)
     return app

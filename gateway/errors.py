@@ -3,6 +3,7 @@
     GatewayError                        status  type                     code
     ├── InvalidRequestError             400     invalid_request_error    (varies; param names the field)
     │   └── ContextLengthExceededError  400     invalid_request_error    context_length_exceeded
+    │       (a GrammarError, i.e. a schema that cannot be enforced, becomes a 400 with code invalid_json_schema)
     ├── AuthenticationError             401     invalid_request_error    invalid_api_key
     ├── ModelNotFoundError              404     invalid_request_error    model_not_found
     ├── OverloadedError                 429     rate_limit_error         server_busy      (Retry-After)
@@ -25,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.generation.constraint import GrammarError
 from swarm import errors as swarm_errors
 
 logger = logging.getLogger(__name__)
@@ -115,6 +117,8 @@ def translate(exc: BaseException) -> GatewayError:
     """Map any exception onto the gateway's tree (unknown ones become a generic 500)."""
     if isinstance(exc, GatewayError):
         return exc
+    if isinstance(exc, GrammarError):
+        return InvalidRequestError(exc.message, param=exc.param, code="invalid_json_schema")
     if isinstance(exc, swarm_errors.MissingBlocksError | swarm_errors.ModelNotFoundError):
         # The model is configured here but the swarm does not serve it (fully) right now: come back later.
         return ServiceUnavailableError(exc.message, code=exc.code, headers=_retry_after())
@@ -187,6 +191,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Route every expected exception type through ``translate``; ``middleware`` catches the rest."""
     for exc_type in (
         GatewayError,
+        GrammarError,
         swarm_errors.SwarmError,
         TimeoutError,
         RequestValidationError,

@@ -51,6 +51,10 @@ class GatewaySettings(BaseSettings):
     embedded_servers: int = Field(
         2, ge=1, description="Block servers the embedded swarm splits each model across."
     )
+    open_monitoring: bool = Field(
+        True,
+        description="Serve /health, /metrics, /dashboard and /v1/swarm without an API key (else they need one).",
+    )
     device: str = Field("cpu", description="Torch device of the local head (embeddings, norm, LM head).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Torch dtype of the local head."

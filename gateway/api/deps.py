@@ -34,3 +34,9 @@ def require_api_key(request: Request) -> None:
         matched |= hmac.compare_digest(presented, key.encode())
     if not matched:
         raise AuthenticationError("Incorrect API key provided.")
+
+
+def require_monitoring_access(request: Request) -> None:
+    """Health, metrics, dashboard and swarm views are open unless ``open_monitoring`` is off."""
+    if not request.app.state.settings.open_monitoring:
+        require_api_key(request)

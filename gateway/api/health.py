@@ -1,14 +1,14 @@
-"""GET /health: open (no API key); 200 while the gateway is up, with each model's coverage."""
+"""GET /health: open unless ``open_monitoring`` is off; 200 while the gateway is up, with each model's coverage."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from gateway.api.deps import StateDep
+from gateway.api.deps import StateDep, require_monitoring_access
 from gateway.schemas.models import HealthResponse
 from gateway.services import models as service
 
-router = APIRouter(tags=["health"])
+router = APIRouter(dependencies=[Depends(require_monitoring_access)], tags=["health"])
 
 
 @router.get("/health", response_model=HealthResponse)

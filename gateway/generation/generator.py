@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from gateway.generation.constraint import Grammar, TokenConstraint, apply_token_bitmask
 from gateway.generation.model import LoadedModel
 from gateway.generation.protocols import SwarmClientLike
 from gateway.generation.stops import StopMatcher
@@ -30,6 +32,7 @@ class GenerationParams:
     seed: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the k best alternatives
     step_timeout_s: float | None = None
+    grammar: Grammar | None = None  # every choice's output must match it (JSON schema, tool calls)
 
 
 @dataclass(frozen=True)
@@ -104,10 +107,13 @@ class _Sampler:
         with torch.inference_mode():
             return self._head.embed(input_ids)  # [B, S, D]
 
-    def pick(self, hidden: torch.Tensor, embed_next: bool) -> _Picked:
+    def pick(self, hidden: torch.Tensor, embed_next: bool, bitmask: torch.Tensor | None = None) -> _Picked:
+        """Sample one token per row; ``bitmask`` [B, W] (a grammar's allowed tokens) masks the logits first."""
         params = self._params
         with torch.inference_mode():
             logits = self._head.logits(hidden, last_only=True)[:, -1, :]  # [B, V]
+            if bitmask is not None:
+                logits = apply_token_bitmask(logits, bitmask)
             if params.sampling.uses_penalties and self._counts is None:
                 self._counts = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
             scores = sampling.adjust_logits(logits, params.sampling, self._counts)
@@ -139,19 +145,65 @@ async def generate(
     choices = [_Choice(model, prompt_ids, params.stop) for _ in range(params.n)]
     input_ids = torch.tensor([list(prompt_ids)] * params.n, dtype=torch.long, device=model.device)  # [B, S]
     hidden = await asyncio.to_thread(sampler.embed_prompt, input_ids)  # [B, S, D]
+    masks = _MaskPipeline(params.grammar, params.n, model.vocab_size)
     max_length = len(prompt_ids) + params.max_tokens
     async with swarm.inference_session(model.model_id, max_length=max_length, batch_size=params.n) as session:
-        for step in range(params.max_tokens):
-            async with asyncio.timeout(params.step_timeout_s):
-                out = await session.step(hidden)  # [B, S, D]
-            last = step == params.max_tokens - 1
-            picked = await asyncio.to_thread(sampler.pick, out, not last)
-            updates = []
-            for i, choice in enumerate(choices):
-                if choice.finish_reason is None:
-                    text = choice.push(picked.tokens[i], last)
-                    updates.append(ChoiceUpdate(i, text, picked.infos[i], choice.finish_reason))
-            yield updates
-            if all(c.finish_reason is not None for c in choices) or picked.next_hidden is None:
-                return
-            hidden = picked.next_hidden
+        try:
+            masks.start()  # the first mask is computed while the prompt goes through the swarm
+            for step in range(params.max_tokens):
+                async with asyncio.timeout(params.step_timeout_s):
+                    out = await session.step(hidden)  # [B, S, D]
+                last = step == params.max_tokens - 1
+                picked = await asyncio.to_thread(sampler.pick, out, not last, await masks.result())
+                updates = []
+                for i, choice in enumerate(choices):
+                    if choice.finish_reason is None:
+                        text = choice.push(picked.tokens[i], last)
+                        updates.append(ChoiceUpdate(i, text, picked.infos[i], choice.finish_reason))
+                finished = [c.finish_reason is not None for c in choices]
+                if all(finished) or picked.next_hidden is None:
+                    yield updates
+                    return
+                # The next mask is computed while the updates go out and the next step is in flight.
+                masks.advance(picked.tokens, finished)
+                yield updates
+                hidden = picked.next_hidden
+        finally:
+            await masks.aclose()
+
+
+class _MaskPipeline:
+    """Runs a TokenConstraint's work (building its matchers, then the masks) in a worker thread, overlapped
+    with the swarm step (a no-op without a grammar). llguidance releases the GIL while it computes, so the
+    event loop keeps serving."""
+
+    def __init__(self, grammar: Grammar | None, batch_size: int, vocab_size: int):
+        self._grammar, self._batch_size, self._vocab_size = grammar, batch_size, vocab_size
+        self._constraint: TokenConstraint | None = None
+        self._pending: asyncio.Task[torch.Tensor] | None = None
+
+    def start(self) -> None:
+        if self._grammar is not None:
+            self._pending = asyncio.create_task(asyncio.to_thread(self._first_mask, self._grammar))
+
+    def _first_mask(self, grammar: Grammar) -> torch.Tensor:
+        self._constraint = TokenConstraint(grammar, self._batch_size, self._vocab_size)
+        return self._constraint.fill()
+
+    def advance(self, tokens: list[int], finished: list[bool]) -> None:
+        if self._constraint is not None:
+            self._pending = asyncio.create_task(asyncio.to_thread(self._constraint.advance, tokens, finished))
+
+    async def result(self) -> torch.Tensor | None:
+        """The mask for the step just taken (``[B, W]`` int32), or None without a grammar."""
+        if self._pending is None:
+            return None
+        pending, self._pending = self._pending, None
+        return await pending
+
+    async def aclose(self) -> None:
+        """Wait out a mask still being computed, so its thread never outlives the request."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            with contextlib.suppress(Exception):
+                await pending

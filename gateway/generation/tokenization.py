@@ -15,12 +15,17 @@ class ChatTemplateError(ValueError):
     """The messages cannot be rendered by the model's chat template."""
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> str:
-    """Apply the model's chat template (with the assistant generation prompt) to plain role/content dicts."""
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> str:
+    """Apply the model's chat template (with the assistant generation prompt) to plain role/content dicts;
+    ``tools`` go to templates that render tool definitions themselves."""
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError("this model has no chat template; use /v1/completions")
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools or None, tokenize=False, add_generation_prompt=True
+        )
     except Exception as e:  # jinja raises TemplateError (e.g. roles must alternate) and others
         raise ChatTemplateError(f"cannot apply the chat template: {e}") from e
     return str(text)
