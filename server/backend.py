@@ -1,62 +1,195 @@
-"""Compute for the hosted span: one worker thread runs every forward, backward and inference step in turn.
+"""Compute for the hosted span: one compute thread batches inference steps across sessions and runs the rest.
 
 Handlers run on the event loop and hand tensors to this thread, so the loop stays responsive (heartbeats,
-other sessions' I/O) while the model computes. A later batching scheduler replaces ``_executor`` with a queue.
+other sessions' I/O) while the model computes. Inference steps wait in a queue; each time the thread is free it
+takes everything pending (up to ``max_batch_tokens``, see ``server.batching``) and runs it as ONE packed
+forward (``BlockSpan.forward_packed``). A lone step runs at once, through exactly the single-session path.
+Stateless forward/backward calls take turns with the batches, one per turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from typing import Any
 
 import torch
 
+from server.batching import BatchLimits, PendingStep, plan_batch
 from server.model import BlockSpan
+from server.model.span import SpanStep
 from server.sessions import Session
+
+logger = logging.getLogger(__name__)
+
+
+class BatchStats:
+    """What the scheduler has done so far (read by rpc_info; written by the compute thread only)."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.batched_steps = 0
+        """Steps (chunks) that ran together with at least one other session's."""
+        self.max_sessions = 0
+        self.max_rows = 0
+
+    def observe(self, sessions: int, rows: int) -> None:
+        self.batches += 1
+        if sessions > 1:
+            self.batched_steps += sessions
+        self.max_sessions = max(self.max_sessions, sessions)
+        self.max_rows = max(self.max_rows, rows)
 
 
 class SpanBackend:
-    def __init__(self, span: BlockSpan, start: int, end: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        span: BlockSpan,
+        start: int,
+        end: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        limits: BatchLimits | None = None,
+    ):
         self.span = span
         self.start = start
         self.end = end
         self.dtype = dtype
         self.device = device
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.limits = limits or BatchLimits()
+        self.stats = BatchStats()
+        self._pending: list[PendingStep] = []
+        self._last_step: dict[str, float] = {}
+        """Session id -> when its latest step arrived: who is decoding now (so worth waiting for)."""
+        self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="compute", daemon=True)
+        self._thread.start()
 
     @staticmethod
     def _blocks(start: int, end: int) -> slice:
         return slice(start, end)  # BlockSpan takes absolute model block indices
 
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
+    # --- the event loop's side ---------------------------------------------------------------------------------
     async def inference_step(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        return await self._run(self._inference_step, session, hidden, position)
-
-    def _inference_step(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        with torch.inference_mode():
-            x = hidden.to(self.device, self.dtype)
-            out = self.span(
-                x,
-                cache=session.cache,
-                start_position=position,
-                blocks=self._blocks(session.start, session.end),
-            )
-            session.length = position + hidden.shape[1]
-            return out.to("cpu", hidden.dtype)
+        """hidden: [B, S, D] at ``position`` of ``session`` -> [B, S, D]; batched with other sessions' steps."""
+        future: Future[torch.Tensor] = Future()
+        step = PendingStep(session, hidden, position, future)
+        with self._wake:
+            self._check_running()
+            self._pending.append(step)
+            self._last_step[session.session_id] = time.monotonic()
+            self._wake.notify()
+        return await asyncio.wrap_future(future)
 
     async def forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         return await self._run(self._forward, hidden, start, end)
+
+    async def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        return await self._run(self._backward, hidden, grad_output, start, end)
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        future: Future[Any] = Future()
+        with self._wake:
+            self._check_running()
+            self._calls.append((fn, args, future))
+            self._wake.notify()
+        return await asyncio.wrap_future(future)
+
+    def _check_running(self) -> None:
+        if self._stopping:
+            raise RuntimeError("the compute thread is shutting down")
+
+    # --- the compute thread ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._pending or self._calls or self._stopping):
+                    self._wake.wait()
+                if not (self._pending or self._calls):
+                    return  # stopping, and everything queued is done
+                if self.limits.batch_wait_s > 0 and self._pending and not self._calls:
+                    self._wait_for_company()
+                call = self._calls.popleft() if self._calls else None
+                self._pending = [st for st in self._pending if not st.future.cancelled()]
+                plan = plan_batch(self._pending, self.limits)
+            if call is not None:
+                fn, args, future = call
+                if future.set_running_or_notify_cancel():
+                    _settle(future, fn, *args)
+            if plan:
+                self._run_batch(plan)
+
+    def _wait_for_company(self) -> None:
+        """Wait up to ``batch_wait_s`` for the other sessions decoding now to send their next steps.
+
+        The wait ends as soon as every recently active session has a step pending (or the batch is full), so a
+        lone session, or a group that already arrived together, never waits.
+        """
+        now = time.monotonic()
+        deadline = now + self.limits.batch_wait_s
+        horizon = now - max(1.0, 10 * self.limits.batch_wait_s)
+        self._last_step = {sid: t for sid, t in self._last_step.items() if t >= horizon}
+        while not self._stopping and self._pending_tokens() < self.limits.max_batch_tokens:
+            if len({st.session.session_id for st in self._pending}) >= len(self._last_step):
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(left)
+
+    def _pending_tokens(self) -> int:
+        return sum(st.rows * min(st.remaining, self.limits.prefill_chunk_tokens) for st in self._pending)
+
+    def _run_batch(self, plan: list[tuple[PendingStep, int]]) -> None:
+        rows = sum(st.rows for st, _ in plan)
+        if len(plan) > max(1, self.stats.max_sessions):
+            tokens = sum(take * st.rows for st, take in plan)
+            logger.info("batched %d sessions in one forward (%d rows, %d tokens): a new high", len(plan), rows, tokens)
+        self.stats.observe(len(plan), rows)
+        try:
+            with torch.inference_mode():
+                steps = [
+                    SpanStep(
+                        st.hidden[:, st.done : st.done + take].to(self.device, self.dtype),
+                        st.session.cache,
+                        st.position + st.done,
+                    )
+                    for st, take in plan
+                ]
+                outputs = self.span.forward_packed(steps, self._blocks(*plan[0][0].blocks))
+        except Exception as e:
+            with self._wake:
+                for st, _ in plan:
+                    self._pending.remove(st)
+            for st, _ in plan:
+                _fail(st.future, e)
+            return
+        finished = []
+        for (st, take), out in zip(plan, outputs, strict=True):
+            st.outputs.append(out)
+            st.done += take
+            if st.remaining == 0:
+                finished.append(st)
+        if finished:
+            with self._wake:
+                for st in finished:
+                    self._pending.remove(st)
+        for st in finished:
+            st.session.length = st.position + st.hidden.shape[1]
+            out = st.outputs[0] if len(st.outputs) == 1 else torch.cat(st.outputs, dim=1)  # [B, S, D]
+            _resolve(st.future, out.to("cpu", st.hidden.dtype))
 
     def _forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         with torch.inference_mode():
             out = self.span(hidden.to(self.device, self.dtype), blocks=self._blocks(start, end))
             return out.to("cpu", hidden.dtype)
-
-    async def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        return await self._run(self._backward, hidden, grad_output, start, end)
 
     def _backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
         with torch.enable_grad():
@@ -77,4 +210,30 @@ class SpanBackend:
 
     def shutdown(self) -> None:
         """Finish the steps already queued, then stop the compute thread."""
-        self._executor.shutdown(wait=True)
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+
+
+def _settle(future: Future[Any], fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        result = fn(*args)
+    except BaseException as e:
+        future.set_exception(e)
+    else:
+        future.set_result(result)
+
+
+def _resolve(future: Future[Any], value: Any) -> None:
+    try:
+        future.set_result(value)
+    except InvalidStateError:  # cancelled meanwhile: its handler is gone
+        pass
+
+
+def _fail(future: Future[Any], error: BaseException) -> None:
+    try:
+        future.set_exception(error)
+    except InvalidStateError:
+        pass

@@ -1,4 +1,5 @@
-"""`petals-server`: host transformer blocks in a swarm (`run`), or start a swarm's entry point (`bootstrap`)."""
+"""`petals-server`: host transformer blocks in a swarm (`run`), start a swarm's entry point (`bootstrap`), or
+show who serves what (`status`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ EPILOG = """examples:
   petals-server bootstrap --host-maddrs /ip4/0.0.0.0/tcp/31337
   petals-server run --model smollm2-135m-instruct --new-swarm
   petals-server run --model smollm2-135m-instruct --blocks 15 --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/Qm...
+  petals-server status --initial-peers /ip4/10.0.0.5/tcp/31337/p2p/Qm...
 Every flag can also be set as an environment variable PETALS_SERVER_<FLAG> (e.g. PETALS_SERVER_CACHE_BUDGET_MB).
 """
 
@@ -44,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("initial_peers", "host_maddrs", "announce_maddrs"):
             kwargs["nargs"] = "+"
             kwargs["metavar"] = "MADDR"
-        elif name in ("blocks", "max_session_length", "max_step_tokens", "num_threads"):
+        elif name in ("blocks", "max_session_length", "max_step_tokens", "num_threads", "metrics_port",
+                      "kv_page_tokens", "max_batch_tokens", "prefill_chunk_tokens"):  # fmt: skip
             kwargs["type"] = int
-        elif name in ("cache_budget_mb", "session_idle_timeout_s", "announce_period_s"):
+        elif name in ("cache_budget_mb", "session_idle_timeout_s", "announce_period_s", "alloc_timeout_s",
+                      "batch_wait_ms"):  # fmt: skip
             kwargs["type"] = float
         run.add_argument(flag, **kwargs)
     run.add_argument(
@@ -62,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--identity-path", type=Path, default=None, help="private key file for a stable peer id")
     boot.add_argument("--ready-file", type=Path, default=None, help="write join info as JSON here once up")
     boot.add_argument("--log-level", default="INFO")
+
+    status = commands.add_parser(
+        "status", help="print each model's block coverage and a table of servers, then exit (1 if not all ready)"
+    )
+    status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
+    status.add_argument("--model", default=None, metavar="ID", help="only this model (default: every announced one)")
+    status.add_argument("--probe-timeout-s", type=float, default=2.0, help="how long each server may take to answer")
+    status.add_argument("--log-level", default="WARNING")
     return parser
 
 
@@ -81,6 +93,11 @@ def main(argv: list[str] | None = None) -> None:
 
         asyncio.run(run_bootstrap(args.host_maddrs, args.identity_path, args.ready_file))
         return
+    if args.command == "status":
+        configure_logging(args.log_level)
+        from server.status import run_status
+
+        raise SystemExit(run_status(args.initial_peers, args.model, args.probe_timeout_s))
     given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
     try:
         settings = ServerSettings(**given)

@@ -15,6 +15,8 @@ from hivemind.dht import DHT
 
 from server.announce import Announcer
 from server.backend import SpanBackend
+from server.batching import BatchLimits
+from server.metrics import ServerMetrics
 from server.model import BlockSpan
 from server.placement import choose_span
 from server.rpc import BlockHandler, ServingState
@@ -84,9 +86,18 @@ async def serve(settings: ServerSettings) -> None:
     weights_mb = sum(p.numel() * p.element_size() for p in span.parameters()) / 2**20
     logger.info("loaded blocks %d:%d (%.1f MiB) in %.1fs", start, end, weights_mb, time.perf_counter() - began)
 
-    backend = SpanBackend(span, start, end, dtype, device)
+    limits = BatchLimits(settings.max_batch_tokens, settings.prefill_chunk_tokens, settings.batch_wait_ms / 1000)
+    backend = SpanBackend(span, start, end, dtype, device, limits)
     throughput = await asyncio.to_thread(backend.measure_throughput, spec.hidden_size)
-    sessions = SessionRegistry(spec, int(settings.cache_budget_mb * 2**20), dtype, device)
+    sessions = SessionRegistry(
+        spec,
+        int(settings.cache_budget_mb * 2**20),
+        dtype,
+        device,
+        hosted_blocks=end - start,
+        page_tokens=settings.kv_page_tokens,
+        alloc_timeout_s=settings.alloc_timeout_s,
+    )
     state = ServingState(
         model_id=resolved.model_id,
         start=start,
@@ -95,7 +106,10 @@ async def serve(settings: ServerSettings) -> None:
         max_length=min(settings.max_session_length, spec.max_position_embeddings),
         version=VERSION,
     )
-    handler = BlockHandler(state, backend, sessions, settings)
+    metrics = ServerMetrics()
+    metrics.watch_sessions(sessions)
+    metrics.describe(model_id=resolved.model_id, blocks=f"{start}:{end}", peer_id=peer_id, version=VERSION)
+    handler = BlockHandler(state, backend, sessions, settings, metrics)
     p2p = await dht.replicate_p2p()
     await BlockService().add_p2p_handlers(p2p, wrapper=handler)
 
@@ -126,8 +140,12 @@ async def serve(settings: ServerSettings) -> None:
         f"Peer id {peer_id}; others join with: {join}",
         flush=True,
     )
+    ready = {"initial_peers": maddrs, "peer_id": peer_id, "start": start, "end": end}
+    if settings.metrics_port is not None:
+        ready["metrics_port"] = metrics.serve(settings.metrics_host, settings.metrics_port)
+        print(f"Metrics on http://{settings.metrics_host}:{ready['metrics_port']}/metrics", flush=True)
     if settings.ready_file:
-        write_ready_file(settings.ready_file, {"initial_peers": maddrs, "peer_id": peer_id, "start": start, "end": end})
+        write_ready_file(settings.ready_file, ready)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -137,6 +155,7 @@ async def serve(settings: ServerSettings) -> None:
         await stop.wait()
     finally:
         await _leave(handler, announcer, backend, sessions)
+        metrics.shutdown()
         await asyncio.to_thread(dht.shutdown)
 
 

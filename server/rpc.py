@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
 from server.backend import SpanBackend
+from server.metrics import ServerMetrics
 from server.sessions import Session, SessionRegistry
 from server.settings import ServerSettings
 from server.validation import check_hidden, check_span, decode_tensors
@@ -41,11 +43,19 @@ class ServingState:
 class BlockHandler:
     """Implements swarm.service.BlockService; registered with ``add_p2p_handlers(p2p, wrapper=handler)``."""
 
-    def __init__(self, state: ServingState, backend: SpanBackend, sessions: SessionRegistry, settings: ServerSettings):
+    def __init__(
+        self,
+        state: ServingState,
+        backend: SpanBackend,
+        sessions: SessionRegistry,
+        settings: ServerSettings,
+        metrics: ServerMetrics | None = None,
+    ):
         self.state = state
         self.backend = backend
         self.sessions = sessions
         self.settings = settings
+        self.metrics = metrics or ServerMetrics()
         self.leaving = asyncio.Event()
         """Set on graceful shutdown: open sessions are told to fail over, new ones are refused."""
 
@@ -71,14 +81,16 @@ class BlockHandler:
                 try:
                     step = InferenceStep.decode(request.metadata)
                     if session is None:
-                        session = self._open(step.open, peer)
+                        session = await self._open(step.open, peer)
                     response = await self._step(session, step, request)
                 except SwarmError as e:
                     logger.info("inference from %s refused: %s", peer[-8:], e)
+                    self.metrics.observe_error(e.code)
                     yield _step_error(e.to_payload())
                     return
                 except Exception:
                     logger.exception("inference step from %s failed", peer[-8:])
+                    self.metrics.observe_error(_INTERNAL.code)
                     yield _step_error(_INTERNAL)
                     return
                 yield response
@@ -103,7 +115,7 @@ class BlockHandler:
             raise ServerLeavingError("this server is leaving the swarm; continue on another server")
         raise TimeoutError
 
-    def _open(self, open_msg: OpenSession | None, peer: str) -> Session:
+    async def _open(self, open_msg: OpenSession | None, peer: str) -> Session:
         if open_msg is None:
             raise SessionError("the first message of an inference stream must open a session")
         self._check_span_request(open_msg)
@@ -115,7 +127,8 @@ class BlockHandler:
             )
         if open_msg.batch_size * open_msg.max_length > self.settings.max_session_length * 4:
             raise BadRequestError(f"batch {open_msg.batch_size} x length {open_msg.max_length} is too large")
-        return self.sessions.open(
+        # Waits up to --alloc-timeout-s for cache pages, then refuses with the retryable ServerBusyError.
+        return await self.sessions.open(
             open_msg.session_id, peer, open_msg.start, open_msg.end, open_msg.batch_size, open_msg.max_length
         )
 
@@ -129,7 +142,9 @@ class BlockHandler:
                 f"step reaches {step.position + hidden.shape[1]} tokens, "
                 f"over the session's max_length {session.max_length}"
             )
+        began = time.perf_counter()
         out = await self.backend.inference_step(session, hidden, step.position)
+        self.metrics.observe_step("inference", hidden.shape[0], hidden.shape[1], time.perf_counter() - began)
         result = StepResult(step_id=step.step_id, position=session.length)
         return runtime_pb2.ExpertResponse(tensors=[encode(out)], metadata=result.encode())
 
@@ -147,18 +162,23 @@ class BlockHandler:
             tensors = decode_tensors(request.tensors, expected_tensors)
             for tensor in tensors:
                 check_hidden(tensor, self.state.hidden_size, self.settings.max_step_tokens)
+            began = time.perf_counter()
             if expected_tensors == 1:
                 out = await self.backend.forward(tensors[0], meta.start, meta.end)
             else:
                 if tensors[0].shape != tensors[1].shape:
                     raise BadRequestError("grad_output must have the shape of the hidden states")
                 out = await self.backend.backward(tensors[0], tensors[1], meta.start, meta.end)
+            kind = "forward" if expected_tensors == 1 else "backward"
+            self.metrics.observe_step(kind, tensors[0].shape[0], tensors[0].shape[1], time.perf_counter() - began)
             return runtime_pb2.ExpertResponse(tensors=[encode(out)], metadata=RpcResult().encode())
         except SwarmError as e:
             logger.info("request from %s refused: %s", str(context.remote_id)[-8:], e)
+            self.metrics.observe_error(e.code)
             return runtime_pb2.ExpertResponse(metadata=RpcResult(error=e.to_payload()).encode())
         except Exception:
             logger.exception("request from %s failed", str(context.remote_id)[-8:])
+            self.metrics.observe_error(_INTERNAL.code)
             return runtime_pb2.ExpertResponse(metadata=RpcResult(error=_INTERNAL).encode())
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -169,6 +189,9 @@ class BlockHandler:
             end=self.state.end,
             cache_tokens_left=self.sessions.tokens_left(self.state.end - self.state.start),
             active_sessions=len(self.sessions.sessions),
+            max_batch_sessions_seen=self.backend.stats.max_sessions,
+            max_batch_rows_seen=self.backend.stats.max_rows,
+            batched_steps=self.backend.stats.batched_steps,
         )
         return runtime_pb2.ExpertResponse(metadata=info.encode())
 

@@ -35,8 +35,28 @@ class ServerSettings(BaseSettings):
     max_session_length: int = Field(8192, gt=0, description="longest session (tokens) accepted")
     max_step_tokens: int = Field(8192, gt=0, description="most tokens (batch x length) in one request")
     session_idle_timeout_s: float = Field(300.0, gt=0, description="close sessions that send nothing for this long")
+    kv_page_tokens: int = Field(16, gt=0, description="attention cache is budgeted in pages of this many tokens")
+    alloc_timeout_s: float = Field(
+        1.0, ge=0, description="a new session waits this long for cache pages before it is refused as busy"
+    )
+    max_batch_tokens: int = Field(
+        1024, gt=0, description="most tokens (rows x length, all sessions) one batched inference forward runs"
+    )
+    prefill_chunk_tokens: int = Field(
+        256, gt=0, description="long prompts run in chunks of this many tokens, interleaved with decode batches"
+    )
+    batch_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="wait up to this long for other active sessions' steps before a batch runs; ends early once "
+        "they have all arrived, so a lone session never waits (0: never wait)",
+    )
     announce_period_s: float = Field(5.0, gt=0, description="how often the server re-announces itself")
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="serve Prometheus /metrics on this HTTP port (0: any free port; default off)"
+    )
+    metrics_host: str = Field("127.0.0.1", description="address the metrics port binds to (0.0.0.0 for remote scrapes)")
     ready_file: Path | None = Field(None, description="write join info as JSON here once serving (for supervisors)")
     log_level: str = Field("INFO", description="logging level")
 

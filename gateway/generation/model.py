@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from gateway.generation.combining_head import CombiningHead
 from gateway.generation.protocols import ModelHeadLike
 from gateway.generation.token_text import TokenText
 from gateway.settings import GatewaySettings
@@ -48,7 +49,8 @@ def load_model(ref: str, settings: GatewaySettings) -> LoadedModel:
     logger.info("loading tokenizer and head of %s from %s", resolved.model_id, resolved.folder)
     tokenizer = AutoTokenizer.from_pretrained(str(resolved.folder))
     device = torch.device(settings.device)
-    head = ModelHead.load(resolved, dtype=getattr(torch, settings.dtype), device=device)
+    # Concurrent requests' logits run as one matmul (see combining_head); a lone request computes at once.
+    head = CombiningHead(ModelHead.load(resolved, dtype=getattr(torch, settings.dtype), device=device))
     spec = resolved.spec
     eos = set(spec.eos_token_ids)
     if tokenizer.eos_token_id is not None:

@@ -24,6 +24,35 @@ class KVSlot:
     start: int
 
 
+@dataclass
+class PackedKV:
+    """Several sessions' steps packed into one forward: their tokens lie side by side on the sequence axis.
+
+    Session ``i`` contributes ``batch_i * length_i`` tokens (row-major: row 0's tokens, then row 1's, ...) at
+    positions ``[slot_i.start, slot_i.start + length_i)``. The projections, norms and MLP run once on all
+    tokens ([1, T, D]); attention runs per session over that session's own cache (``slot_i``), so no session
+    sees another's keys and no cache is copied. Chosen over padding every session to one [B, S_max] batch:
+    decode rows differ in cache length, and per-session SDPA at S=1 costs little next to the weight matmuls.
+    """
+
+    slots: list[KVSlot]
+    batches: list[int]
+    lengths: list[int]
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: [1, H, T, Dh] -> per session [B_i, H, S_i, Dh] (views where possible)."""
+        parts = x[0].split([b * s for b, s in zip(self.batches, self.lengths, strict=True)], dim=1)  # [H, B_i*S_i, Dh]
+        return [
+            p.unflatten(1, (b, s)).transpose(0, 1)  # [B_i, H, S_i, Dh]
+            for p, b, s in zip(parts, self.batches, self.lengths, strict=True)
+        ]
+
+    @staticmethod
+    def join(parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per session [B_i, H, S_i, Dh] -> [1, H, T, Dh], the inverse of ``split``."""
+        return torch.cat([p.transpose(0, 1).flatten(1, 2) for p in parts], dim=1).unsqueeze(0)
+
+
 def attention_mask(
     start: int, length: int, sliding_window: int | None, device: torch.device
 ) -> tuple[torch.Tensor | None, bool]:

@@ -21,6 +21,7 @@ class Gemma2Block(nn.Module):
     """HF names: ``self_attn.*``, ``mlp.*``, ``{input,post_attention,pre_feedforward,post_feedforward}_layernorm``."""
 
     positional = RotaryEmbedding
+    packs_sessions = True  # its attention is LlamaAttention, which takes PackedKV; the rest is per token
 
     def __init__(self, spec: ModelSpec, layer_idx: int, *, dtype: torch.dtype | None = None, device: Device = None):
         super().__init__()

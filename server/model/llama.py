@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.model.activations import activation
-from server.model.attention import KVSlot, attend, attention_mask, with_cache
+from server.model.attention import KVSlot, PackedKV, attend, attention_mask, with_cache
 from server.model.fused import Device, Fused, fuse_linears, linear
 from server.model.rotary import RotaryEmbedding, rotate
 from swarm.config import ModelSpec
 from swarm.norm import RMSNorm
 
-__all__ = ["KVSlot", "LlamaAttention", "LlamaBlock", "LlamaMLP", "attention_mask"]
+__all__ = ["KVSlot", "LlamaAttention", "PackedKV", "LlamaBlock", "LlamaMLP", "attention_mask"]
 
 
 class LlamaAttention(Fused):
@@ -70,14 +70,25 @@ class LlamaAttention(Fused):
         """A hook for per-head q/k norms before rotary (Qwen3); Llama has none.  qk: [B, S, H + H_kv, Dh]."""
         return qk
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVSlot | None) -> torch.Tensor:
-        # x: [B, S, D], cos/sin: [B, S, Dh]
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVSlot | PackedKV | None
+    ) -> torch.Tensor:
+        # x: [B, S, D], cos/sin: [B, S, Dh]; packed sessions: B = 1, S = T (all their tokens)
         b, s, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        k, v, start = with_cache(kv, k, v)  # [B, H_kv, T, Dh]
-        out = attend(q, k, v, start, sliding_window=self.sliding_window, scale=self.scale, softcap=self.softcap)
+        if isinstance(kv, PackedKV):
+            # Each session attends over its own cache only: split, attend, join back to [1, H, T, Dh].
+            parts = zip(kv.split(q), kv.split(k), kv.split(v), kv.slots, strict=True)
+            out = PackedKV.join([self._attend(*part) for part in parts])
+        else:
+            out = self._attend(q, k, v, kv)  # [B, H, S, Dh]
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [B, S, H * Dh]
         return self.o_proj(out)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVSlot | None) -> torch.Tensor:
+        # q: [B, H, S, Dh], k/v: [B, H_kv, S, Dh] -> [B, H, S, Dh]
+        k, v, start = with_cache(kv, k, v)  # [B, H_kv, T, Dh]
+        return attend(q, k, v, start, sliding_window=self.sliding_window, scale=self.scale, softcap=self.softcap)
 
 
 class LlamaMLP(Fused):
@@ -108,6 +119,8 @@ class LlamaBlock(nn.Module):
     """One decoder layer; parameter names match a Hugging Face layer's (``self_attn.q_proj.weight``, ...)."""
 
     positional = RotaryEmbedding  # builds, per span forward, the (cos, sin) passed to every block
+    packs_sessions = True
+    """Its forward accepts ``PackedKV``: several sessions' steps in one call (see ``BlockSpan.forward_packed``)."""
     attention_class: type[LlamaAttention] = LlamaAttention
 
     def __init__(self, spec: ModelSpec, layer_idx: int, *, dtype: torch.dtype | None = None, device: Device = None):

@@ -95,6 +95,7 @@ class MixtralBlock(nn.Module):
     """HF names: ``self_attn.*``, ``block_sparse_moe.gate.weight``, ``block_sparse_moe.experts.{e}.w{1,2,3}``."""
 
     positional = RotaryEmbedding
+    packs_sessions = True  # its attention is LlamaAttention, which takes PackedKV; the rest is per token
 
     def __init__(self, spec: ModelSpec, layer_idx: int, *, dtype: torch.dtype | None = None, device: Device = None):
         super().__init__()

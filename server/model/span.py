@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from server.model.attention import KVSlot
+from server.model.attention import KVSlot, PackedKV
+from server.model.rotary import RotaryEmbedding
 from swarm.config import ModelSpec
 from swarm.weights import ResolvedModel, block_prefix, load_tensors
 
@@ -34,7 +36,18 @@ A class takes ``(spec, layer_idx, *, dtype, device)`` and has HF layer parameter
 ``(start, length, batch, dtype)`` returns the positional tensors of one span forward (rotary: ``(cos, sin)``,
 each [B, S, Dh]; ALiBi: ``(bias [1, H, S, T],)``), computed once and shared by the span's blocks.
 The block's forward is ``(hidden [B, S, D], *positional tensors, kv: KVSlot | None) -> [B, S, D]``.
+A class whose attribute ``packs_sessions`` is true also takes ``kv: PackedKV`` with hidden [1, T, D] (several
+sessions' tokens side by side, see ``BlockSpan.forward_packed``); the others get one forward per session.
 """
+
+
+@dataclass
+class SpanStep:
+    """One session's share of a packed forward: its new tokens, its cache, and where they go."""
+
+    hidden: torch.Tensor  # [B, S, D]
+    cache: SpanCache
+    start_position: int
 
 
 class SpanCache:
@@ -116,6 +129,10 @@ class BlockSpan(nn.Module):
         self.end = end
         self.positions = block_class.positional(spec, device)
         self.blocks = nn.ModuleList(block_class(spec, i, dtype=dtype, device=device) for i in range(start, end))
+        self.packs_sessions = bool(getattr(block_class, "packs_sessions", False)) and isinstance(
+            self.positions, RotaryEmbedding
+        )
+        """Whether ``forward_packed`` runs several sessions as one forward (else one forward per session)."""
 
     @classmethod
     def load(
@@ -160,6 +177,38 @@ class BlockSpan(nn.Module):
             kv = cache.slot(j, start_position) if cache is not None else None
             hidden = self.blocks[k](hidden, *positional, kv)
         return hidden
+
+    def forward_packed(self, steps: Sequence[SpanStep], blocks: slice | None = None) -> list[torch.Tensor]:
+        """Several sessions' steps over the same blocks -> their outputs, each [B_i, S_i, D].
+
+        Their tokens are packed into one [1, T, D] forward (``T = sum B_i * S_i``) with per-token rotary
+        positions, so the weight matmuls run once for all; attention stays per session (``PackedKV``). A lone
+        step, or a family that cannot pack, takes the plain per-session ``forward``: exactly today's path.
+        """
+        if len(steps) == 1 or not self.packs_sessions:
+            return [self.forward(st.hidden, st.cache, st.start_position, blocks) for st in steps]
+        first, last = self._local_range(blocks)
+        d = self.spec.hidden_size
+        device = steps[0].hidden.device
+        batches, lengths = [st.hidden.shape[0] for st in steps], [st.hidden.shape[1] for st in steps]
+        for st in steps:
+            if st.hidden.shape[2] != d:
+                raise ValueError(f"hidden size {st.hidden.shape[2]} does not match the model's {d}")
+            self._check_cache(st.cache, last - first, st.hidden.shape[0], st.start_position + st.hidden.shape[1])
+        hidden = torch.cat([st.hidden.reshape(1, -1, d) for st in steps], dim=1)  # [1, T, D]
+        positions = torch.cat(  # [1, T]: row-major per session, like the packed tokens
+            [
+                torch.arange(st.start_position, st.start_position + s, device=device).repeat(b)
+                for st, b, s in zip(steps, batches, lengths, strict=True)
+            ]
+        ).unsqueeze(0)
+        assert isinstance(self.positions, RotaryEmbedding)  # packs_sessions implies it
+        positional = self.positions.cos_sin(positions, hidden.dtype)  # (cos, sin), each [1, T, Dh]
+        for j, k in enumerate(range(first, last)):
+            kv = PackedKV([st.cache.slot(j, st.start_position) for st in steps], batches, lengths)
+            hidden = self.blocks[k](hidden, *positional, kv)
+        parts = hidden[0].split([b * s for b, s in zip(batches, lengths, strict=True)])  # each [B_i * S_i, D]
+        return [p.view(b, s, d) for p, b, s in zip(parts, batches, lengths, strict=True)]
 
     def _local_range(self, blocks: slice | None) -> tuple[int, int]:
         if blocks is None:

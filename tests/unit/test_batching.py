@@ -1,0 +1,189 @@
+"""Continuous batching on a server: packed multi-session forwards equal per-session ones, the batch planner,
+the compute thread's scheduler (batches concurrent steps, chunks long prefills), and the paged cache budget."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from server.backend import SpanBackend
+from server.batching import BatchLimits, PendingStep, plan_batch
+from server.kv_cache import PageAllocator
+from server.model import BlockSpan, SpanCache
+from server.model.span import SpanStep
+from server.sessions import Session, SessionRegistry
+from swarm.errors import ServerBusyError
+from swarm.weights import ResolvedModel, resolve_model
+from tests.helpers import TINY_KINDS, make_tiny_model
+
+SESSIONS = [(1, 3), (2, 7), (1, 1), (3, 2)]  # (batch rows, prompt length) of each session
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ResolvedModel]:
+    root = tmp_path_factory.mktemp("batching")
+    return {kind: resolve_model(str(make_tiny_model(kind, root / kind)), root / "cache") for kind in TINY_KINDS}
+
+
+def _caches(resolved: ResolvedModel, capacity: int = 32) -> list[SpanCache]:
+    return [SpanCache.allocate(resolved.spec, 4, b, capacity, torch.float32) for b, _ in SESSIONS]
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+@torch.inference_mode()
+def test_packed_forward_matches_per_session_forward(tiny_models: dict[str, ResolvedModel], kind: str) -> None:
+    resolved = tiny_models[kind]
+    span = BlockSpan.load(resolved, 0, 4)
+    assert span.packs_sessions == (kind not in ("falcon", "falcon_mq", "falcon_seq", "bloom"))
+    g = torch.Generator().manual_seed(0)
+    d = resolved.spec.hidden_size
+    alone, packed = _caches(resolved), _caches(resolved)
+    positions = [0] * len(SESSIONS)
+    lengths = [s for _, s in SESSIONS]  # prefill of different lengths, then three decode steps together
+    for _ in range(4):
+        xs = [torch.randn(b, s, d, generator=g) for (b, _), s in zip(SESSIONS, lengths, strict=True)]
+        expected = [span(x, c, p) for x, c, p in zip(xs, alone, positions, strict=True)]
+        got = span.forward_packed([SpanStep(x, c, p) for x, c, p in zip(xs, packed, positions, strict=True)])
+        for e, o in zip(expected, got, strict=True):
+            torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-4)
+        positions = [p + s for p, s in zip(positions, lengths, strict=True)]
+        lengths = [1] * len(SESSIONS)
+    for a, p in zip(alone, packed, strict=True):  # every session's cache holds exactly its own tokens
+        torch.testing.assert_close(p.keys, a.keys, atol=1e-5, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_packed_forward_over_a_sub_range_and_single_step_path(tiny_models: dict[str, ResolvedModel]) -> None:
+    resolved = tiny_models["llama"]
+    span = BlockSpan.load(resolved, 0, 4)
+    d = resolved.spec.hidden_size
+    caches = [SpanCache.allocate(resolved.spec, 2, 1, 8, torch.float32) for _ in range(3)]
+    xs = [torch.randn(1, 2, d) for _ in caches]
+    got = span.forward_packed([SpanStep(x, c, 0) for x, c in zip(xs, caches, strict=True)], slice(1, 3))
+    fresh = [SpanCache.allocate(resolved.spec, 2, 1, 8, torch.float32) for _ in range(3)]
+    for x, c, o in zip(xs, fresh, got, strict=True):
+        torch.testing.assert_close(o, span(x, c, 0, slice(1, 3)), atol=1e-5, rtol=1e-4)
+    (lone,) = span.forward_packed([SpanStep(xs[0], fresh[0], 2)], slice(1, 3))
+    assert lone.shape == (1, 2, d)
+
+
+# --- the planner --------------------------------------------------------------------------------------------------
+def _pending(rows: int, length: int, blocks: tuple[int, int] = (0, 4)) -> PendingStep:
+    session = Session("s", "p", blocks[0], blocks[1], rows, 4096, cache=None)  # type: ignore[arg-type]
+    return PendingStep(session, torch.zeros(rows, length, 1), 0, Future())
+
+
+def test_plan_takes_every_decode_step_and_chunks_a_long_prefill() -> None:
+    prefill, decodes = _pending(1, 1000), [_pending(1, 1) for _ in range(5)]
+    plan = plan_batch([prefill, *decodes], BatchLimits(max_batch_tokens=300, prefill_chunk_tokens=256))
+    assert [st for st, _ in plan] == [*decodes, prefill]  # decode first, though the prefill came first
+    assert [take for _, take in plan] == [1] * 5 + [256]
+    plan = plan_batch([prefill, *decodes], BatchLimits(max_batch_tokens=100, prefill_chunk_tokens=256))
+    assert plan[-1] == (prefill, 95)  # the chunk shrinks to what the budget leaves
+
+
+def test_plan_respects_the_token_budget_and_block_ranges() -> None:
+    steps = [_pending(4, 1), _pending(4, 1, (0, 2)), _pending(4, 1), _pending(4, 1)]
+    plan = plan_batch(steps, BatchLimits(max_batch_tokens=8))
+    assert [st for st, _ in plan] == [steps[0], steps[2]]  # same range as the oldest; budget 8 rows
+    huge = _pending(64, 1)
+    assert plan_batch([huge], BatchLimits(max_batch_tokens=8)) == [(huge, 1)]  # still runs, never starves
+    assert plan_batch([], BatchLimits()) == []
+
+
+# --- the scheduler ----------------------------------------------------------------------------------------------
+def _session(resolved: ResolvedModel, rows: int, name: str) -> Session:
+    cache = SpanCache.allocate(resolved.spec, 4, rows, 64, torch.float32)
+    return Session(name, "peer", 0, 4, rows, 64, cache)
+
+
+async def test_backend_batches_concurrent_steps_and_matches_lone_steps(tiny_models) -> None:
+    resolved = tiny_models["llama"]
+    span = BlockSpan.load(resolved, 0, 4)
+    backend = SpanBackend(span, 0, 4, torch.float32, torch.device("cpu"), BatchLimits(batch_wait_s=0.05))
+    d = resolved.spec.hidden_size
+    try:
+        prompts = [torch.randn(b, s, d) for b, s in SESSIONS]
+        together = [_session(resolved, b, f"t{i}") for i, (b, _) in enumerate(SESSIONS)]
+        outs = await asyncio.gather(*(backend.inference_step(s, x, 0) for s, x in zip(together, prompts, strict=True)))
+        assert backend.stats.max_sessions == len(SESSIONS) and backend.stats.max_rows == 7
+        for prompt, out, (b, _) in zip(prompts, outs, SESSIONS, strict=True):
+            alone = await backend.inference_step(_session(resolved, b, "alone"), prompt, 0)
+            torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-4)
+        assert [s.length for s in together] == [s for _, s in SESSIONS]
+    finally:
+        backend.shutdown()
+
+
+async def test_long_prefill_is_chunked_and_decode_steps_overtake_it(tiny_models) -> None:
+    resolved = tiny_models["llama"]
+    span = BlockSpan.load(resolved, 0, 4)
+    limits = BatchLimits(max_batch_tokens=64, prefill_chunk_tokens=8, batch_wait_s=0.05)
+    backend = SpanBackend(span, 0, 4, torch.float32, torch.device("cpu"), limits)
+    d = resolved.spec.hidden_size
+    try:
+        long_session, short_session = _session(resolved, 1, "long"), _session(resolved, 1, "short")
+        await backend.inference_step(short_session, torch.randn(1, 2, d), 0)
+        finished: list[str] = []
+
+        async def run(name: str, session: Session, x: torch.Tensor, position: int) -> torch.Tensor:
+            out = await backend.inference_step(session, x, position)
+            finished.append(name)
+            return out
+
+        prompt = torch.randn(1, 40, d)
+        chunked, _ = await asyncio.gather(
+            run("prefill", long_session, prompt, 0), run("decode", short_session, torch.randn(1, 1, d), 2)
+        )
+        assert finished == ["decode", "prefill"]  # the decode step did not wait for all five chunks
+        alone = span(prompt, _session(resolved, 1, "ref").cache, 0)
+        torch.testing.assert_close(chunked, alone, atol=1e-5, rtol=1e-4)
+        assert long_session.length == 40
+    finally:
+        backend.shutdown()
+
+
+# --- the paged budget ----------------------------------------------------------------------------------------------
+async def test_page_allocator_waits_in_order_and_times_out() -> None:
+    pages = PageAllocator(total_pages=4, page_bytes=100)
+    assert pages.pages_for(1) == 1 and pages.pages_for(100) == 1 and pages.pages_for(101) == 2
+    await pages.acquire(3, timeout_s=0)
+    with pytest.raises(ServerBusyError, match="cache is full"):
+        await pages.acquire(2, timeout_s=0)
+    with pytest.raises(ServerBusyError, match="waited"):
+        await pages.acquire(2, timeout_s=0.05)
+    big = asyncio.ensure_future(pages.acquire(3, timeout_s=5))
+    await asyncio.sleep(0)
+    assert pages.waiting == 1 and not pages.try_acquire(1)  # the free page is held back for the waiter ahead
+    pages.release(3)
+    await asyncio.wait_for(big, 1)
+    assert pages.free_pages == 1 and pages.waiting == 0
+    with pytest.raises(ServerBusyError):
+        await pages.acquire(5, timeout_s=5)  # more than the whole cache: refused at once
+
+
+async def test_registry_rounds_sessions_up_to_pages_and_frees_them(tiny_models) -> None:
+    spec = tiny_models["llama"].spec
+    per_token = SpanCache.bytes_per_token(spec, 4, torch.float32)
+    registry = SessionRegistry(
+        spec, 10 * 16 * per_token, torch.float32, torch.device("cpu"), hosted_blocks=4, page_tokens=16
+    )
+    assert registry.tokens_left(4) == 160
+    a = await registry.open("a", "peer", 0, 4, 1, 17)  # 17 tokens -> 2 pages
+    b = await registry.open("b", "peer", 0, 2, 2, 16)  # 2 rows over half the blocks = 16 full-span tokens -> 1 page
+    assert (a.pages, b.pages) == (2, 1) and registry.tokens_left(4) == 7 * 16 and registry.used_bytes > 0
+    with pytest.raises(ServerBusyError):
+        await registry.open("c", "peer", 0, 4, 1, 8 * 16)
+    registry.alloc_timeout_s = 2.0
+    waiting = asyncio.ensure_future(registry.open("d", "peer", 0, 4, 1, 8 * 16))  # 8 pages, 7 free: waits
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    registry.close(a)  # 9 free: the waiting session gets its pages
+    d = await asyncio.wait_for(waiting, 1)
+    assert d.pages == 8 and registry.tokens_left(4) == 16
+    registry.close(b)
+    registry.close(d)
+    assert registry.used_bytes == 0 and registry.tokens_left(4) == 160
