@@ -3,6 +3,7 @@ the compose wiring (Dockerfiles, ports, volumes, healthchecks, the bootstrap joi
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -102,17 +103,27 @@ def with_join(argv: list[str], environment: dict) -> list[str]:
     return argv
 
 
+def without_abbreviations(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """argparse accepts `--block-indice` for `--block-indices`; files that others copy should spell flags out."""
+    parser.allow_abbrev = False
+    for action in parser._actions:  # argparse has no public way to reach its subcommands' parsers
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                without_abbreviations(sub)
+    return parser
+
+
 def check_invocation(argv: list[str], env: dict | None = None) -> None:
     """Parse a petals-server / petals-gateway command line and build its settings as the real ``main`` does."""
     program, *args = argv
     with mock.patch.dict(os.environ, env or {}):
         try:
             if program == "petals-server":
-                parsed = server_parser().parse_args(args)
+                parsed = without_abbreviations(server_parser()).parse_args(args)
                 if parsed.command == "run":
                     ServerSettings(**{k: v for k, v in vars(parsed).items() if k != "command" and v is not None})
             elif program == "petals-gateway":
-                settings_from_args(gateway_parser().parse_args(args))
+                settings_from_args(without_abbreviations(gateway_parser()).parse_args(args))
             else:
                 pytest.fail(f"not a petals command: {argv}")
         except SystemExit as e:  # argparse reports a bad flag by exiting
