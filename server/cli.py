@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import typing
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -46,12 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("initial_peers", "host_maddrs", "announce_maddrs"):
             kwargs["nargs"] = "+"
             kwargs["metavar"] = "MADDR"
-        elif name in ("blocks", "max_session_length", "max_step_tokens", "num_threads", "metrics_port",
-                      "kv_page_tokens", "max_batch_tokens", "prefill_chunk_tokens"):  # fmt: skip
-            kwargs["type"] = int
-        elif name in ("cache_budget_mb", "session_idle_timeout_s", "announce_period_s", "alloc_timeout_s",
-                      "batch_wait_ms"):  # fmt: skip
-            kwargs["type"] = float
+        elif _scalar_type(field.annotation) in (int, float):
+            kwargs["type"] = _scalar_type(field.annotation)
         run.add_argument(flag, **kwargs)
     run.add_argument(
         "--new-swarm",
@@ -75,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--probe-timeout-s", type=float, default=2.0, help="how long each server may take to answer")
     status.add_argument("--log-level", default="WARNING")
     return parser
+
+
+def _scalar_type(annotation: object) -> object:
+    """int for ``int`` and ``int | None``, float likewise; anything else is passed through as a string."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return args[0] if len(args) == 1 else None
 
 
 def configure_logging(level: str) -> None:

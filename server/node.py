@@ -6,8 +6,10 @@ import asyncio
 import json
 import logging
 import os
+import random
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from server.batching import BatchLimits
 from server.metrics import ServerMetrics
 from server.model import BlockSpan
 from server.placement import choose_span
+from server.rebalance import plan_move
 from server.rpc import BlockHandler, ServingState
 from server.sessions import SessionRegistry
 from server.settings import ServerSettings
@@ -26,7 +29,7 @@ from swarm import PROTOCOL_VERSION
 from swarm.dht import fetch_coverage
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.service import BlockService
-from swarm.weights import resolve_model
+from swarm.weights import ResolvedModel, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -64,20 +67,24 @@ def start_dht(settings: ServerSettings, initial_peers: list[str]) -> DHT:
     )
 
 
-async def serve(settings: ServerSettings) -> None:
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
+@dataclass
+class Hosting:
+    """The span a server hosts right now and everything built for it; replaced whole when the server moves."""
+
+    start: int
+    end: int
+    backend: SpanBackend
+    sessions: SessionRegistry
+    state: ServingState
+    throughput: float
+    weights_mb: float
+
+
+async def host_span(settings: ServerSettings, resolved: ResolvedModel, start: int, end: int) -> Hosting:
+    """Load blocks [start, end) (only their tensors), measure their speed, and set up sessions for them."""
     device = torch.device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    resolved = await asyncio.to_thread(resolve_model, settings.model, settings.cache_dir, settings.model_id)
     spec = resolved.spec
-    if not settings.initial_peers and not settings.new_swarm:
-        raise SystemExit("give --initial-peers to join a swarm, or --new-swarm to start one")
-
-    dht = await asyncio.to_thread(start_dht, settings, settings.initial_peers)
-    peer_id = dht.peer_id.to_base58()
-    maddrs = [str(m) for m in dht.get_visible_maddrs()]
-    start, end = await _pick_span(settings, dht, resolved.model_id, spec.num_hidden_layers)
     logger.info("loading %s blocks %d:%d on %s (%s)", resolved.model_id, start, end, device, dtype)
     began = time.perf_counter()
     span = await asyncio.to_thread(BlockSpan.load, resolved, start, end, dtype, device)
@@ -85,7 +92,6 @@ async def serve(settings: ServerSettings) -> None:
     span.eval()
     weights_mb = sum(p.numel() * p.element_size() for p in span.parameters()) / 2**20
     logger.info("loaded blocks %d:%d (%.1f MiB) in %.1fs", start, end, weights_mb, time.perf_counter() - began)
-
     limits = BatchLimits(settings.max_batch_tokens, settings.prefill_chunk_tokens, settings.batch_wait_ms / 1000)
     backend = SpanBackend(span, start, end, dtype, device, limits)
     throughput = await asyncio.to_thread(backend.measure_throughput, spec.hidden_size)
@@ -106,46 +112,124 @@ async def serve(settings: ServerSettings) -> None:
         max_length=min(settings.max_session_length, spec.max_position_embeddings),
         version=VERSION,
     )
-    metrics = ServerMetrics()
-    metrics.watch_sessions(sessions)
-    metrics.describe(model_id=resolved.model_id, blocks=f"{start}:{end}", peer_id=peer_id, version=VERSION)
-    handler = BlockHandler(state, backend, sessions, settings, metrics)
-    p2p = await dht.replicate_p2p()
-    await BlockService().add_p2p_handlers(p2p, wrapper=handler)
+    return Hosting(start, end, backend, sessions, state, throughput, weights_mb)
 
-    def make_record(server_state: ServerState) -> ServerRecord:
+
+class BlockServer:
+    """One running server: its DHT peer, RPC handler, heartbeat and (with --blocks) rebalancing."""
+
+    def __init__(self, settings: ServerSettings, resolved: ResolvedModel, dht: DHT, hosting: Hosting):
+        self.settings = settings
+        self.resolved = resolved
+        self.dht = dht
+        self.peer_id = dht.peer_id.to_base58()
+        self.hosting = hosting
+        self.metrics = ServerMetrics()
+        self.metrics.watch_sessions(hosting.sessions)
+        self.handler = BlockHandler(hosting.state, hosting.backend, hosting.sessions, settings, self.metrics)
+        spec = resolved.spec
+        model_record = ModelRecord(num_blocks=spec.num_hidden_layers, hidden_size=spec.hidden_size)
+        self.announcer = Announcer(dht, self.peer_id, self.make_record, model_record, settings.announce_period_s)
+
+    def make_record(self, server_state: ServerState) -> ServerRecord:
+        hosting = self.hosting
         return ServerRecord(
-            model_id=resolved.model_id,
-            start=start,
-            end=end,
+            model_id=self.resolved.model_id,
+            start=hosting.start,
+            end=hosting.end,
             state=server_state,
-            throughput=throughput,
-            cache_tokens_left=sessions.tokens_left(end - start),
+            throughput=hosting.throughput,
+            cache_tokens_left=hosting.sessions.tokens_left(hosting.end - hosting.start),
             protocol_version=PROTOCOL_VERSION,
             version=VERSION,
-            public_name=settings.public_name,
-            device=str(device),
-            dtype=str(dtype).split(".")[-1],
+            public_name=self.settings.public_name,
+            device=str(hosting.backend.device),
+            dtype=str(hosting.backend.dtype).split(".")[-1],
         )
 
-    model_record = ModelRecord(num_blocks=spec.num_hidden_layers, hidden_size=spec.hidden_size)
-    announcer = Announcer(dht, peer_id, make_record, model_record, settings.announce_period_s)
-    await announcer.announce_now(ServerState.ONLINE)
-    announcer.start()
+    async def start(self) -> dict:
+        """Register the RPC handlers, announce, print the summary; returns the join info for the ready file."""
+        hosting = self.hosting
+        self.metrics.describe(
+            model_id=self.resolved.model_id, blocks=f"{hosting.start}:{hosting.end}", peer_id=self.peer_id,
+            version=VERSION,
+        )  # fmt: skip
+        p2p = await self.dht.replicate_p2p()
+        await BlockService().add_p2p_handlers(p2p, wrapper=self.handler)
+        await self.announcer.announce_now(ServerState.ONLINE)
+        self.announcer.start()
+        maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+        print(
+            f"Serving {self.resolved.model_id} blocks {hosting.start}:{hosting.end} on {hosting.backend.device} "
+            f"({str(hosting.backend.dtype).split('.')[-1]}), {hosting.throughput:.0f} blocks/s per token, "
+            f"{hosting.weights_mb:.0f} MiB of weights\n"
+            f"Peer id {self.peer_id}; others join with: --initial-peers {maddrs[0]}",
+            flush=True,
+        )
+        ready = {"initial_peers": maddrs, "peer_id": self.peer_id, "start": hosting.start, "end": hosting.end}
+        if self.settings.metrics_port is not None:
+            ready["metrics_port"] = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+            print(f"Metrics on http://{self.settings.metrics_host}:{ready['metrics_port']}/metrics", flush=True)
+        return ready
 
-    join = " ".join(f"--initial-peers {m}" for m in maddrs[:1])
-    print(
-        f"Serving {resolved.model_id} blocks {start}:{end} on {device} ({str(dtype).split('.')[-1]}), "
-        f"{throughput:.0f} blocks/s per token, {weights_mb:.0f} MiB of weights\n"
-        f"Peer id {peer_id}; others join with: {join}",
-        flush=True,
-    )
-    ready = {"initial_peers": maddrs, "peer_id": peer_id, "start": start, "end": end}
-    if settings.metrics_port is not None:
-        ready["metrics_port"] = metrics.serve(settings.metrics_host, settings.metrics_port)
-        print(f"Metrics on http://{settings.metrics_host}:{ready['metrics_port']}/metrics", flush=True)
+    async def rebalance_forever(self) -> None:
+        """Every period (with jitter, so servers that started together do not move together), move to a span
+        where the swarm is weaker when that lifts the swarm's bottleneck by more than the margin."""
+        num_blocks = self.resolved.spec.num_hidden_layers
+        while True:
+            await asyncio.sleep(self.settings.rebalance_period_s * random.uniform(0.5, 1.5))
+            try:
+                coverage = await fetch_coverage(self.dht, self.resolved.model_id, num_blocks)
+            except Exception as e:  # the DHT may hiccup; try again next period
+                logger.warning("rebalancing: could not read the swarm's coverage: %s", e)
+                continue
+            current = (self.hosting.start, self.hosting.end)
+            target = plan_move(coverage, self.peer_id, current, self.hosting.throughput, self.settings.rebalance_margin)
+            if target is not None:
+                await self.move(*target)
+
+    async def move(self, start: int, end: int) -> None:
+        old = self.hosting
+        logger.info("rebalancing: moving from blocks %d:%d to %d:%d", old.start, old.end, start, end)
+        await self.announcer.announce_now(ServerState.OFFLINE, expiration_s=self.settings.announce_period_s * 3)
+        await _hand_back_sessions(self.handler, old.sessions)
+        await asyncio.to_thread(old.backend.shutdown)
+        self.hosting = await host_span(self.settings, self.resolved, start, end)
+        self.metrics.watch_sessions(self.hosting.sessions)
+        self.handler.host(self.hosting.state, self.hosting.backend, self.hosting.sessions)
+        await self.announcer.announce_now(ServerState.ONLINE)
+        logger.info("rebalancing: now serving blocks %d:%d", start, end)
+
+    async def leave(self) -> None:
+        """Graceful leave: announce offline first (routing stops choosing us), tell open sessions to fail over
+        once their step in flight is answered, let the compute queue drain, then go."""
+        logger.info("leaving: announcing offline, handing %d open session(s) back", len(self.hosting.sessions.sessions))
+        await self.announcer.stop()
+        try:
+            await asyncio.wait_for(self.announcer.announce_now(ServerState.OFFLINE, expiration_s=30), 5)
+        except Exception as e:
+            logger.warning("could not announce offline state: %s", e)
+        await _hand_back_sessions(self.handler, self.hosting.sessions)
+        await asyncio.to_thread(self.hosting.backend.shutdown)
+        self.metrics.shutdown()
+
+
+async def serve(settings: ServerSettings) -> None:
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    resolved = await asyncio.to_thread(resolve_model, settings.model, settings.cache_dir, settings.model_id)
+    if not settings.initial_peers and not settings.new_swarm:
+        raise SystemExit("give --initial-peers to join a swarm, or --new-swarm to start one")
+
+    dht = await asyncio.to_thread(start_dht, settings, settings.initial_peers)
+    start, end = await _pick_span(settings, dht, resolved.model_id, resolved.spec.num_hidden_layers)
+    server = BlockServer(settings, resolved, dht, await host_span(settings, resolved, start, end))
+    ready = await server.start()
     if settings.ready_file:
         write_ready_file(settings.ready_file, ready)
+    rebalancing = None
+    if settings.span() is None and settings.rebalance_period_s > 0:
+        rebalancing = asyncio.create_task(server.rebalance_forever())
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -154,25 +238,18 @@ async def serve(settings: ServerSettings) -> None:
     try:
         await stop.wait()
     finally:
-        await _leave(handler, announcer, backend, sessions)
-        metrics.shutdown()
+        if rebalancing is not None:
+            rebalancing.cancel()
+        await server.leave()
         await asyncio.to_thread(dht.shutdown)
 
 
-async def _leave(handler: BlockHandler, announcer: Announcer, backend: SpanBackend, sessions: SessionRegistry) -> None:
-    """Graceful leave: announce offline first (routing stops choosing us), tell open sessions to fail over once
-    their step in flight is answered, let the compute queue drain, then go."""
-    logger.info("leaving: announcing offline, handing %d open session(s) back to clients", len(sessions.sessions))
-    await announcer.stop()
-    try:
-        await asyncio.wait_for(announcer.announce_now(ServerState.OFFLINE, expiration_s=30), 5)
-    except Exception as e:
-        logger.warning("could not announce offline state: %s", e)
+async def _hand_back_sessions(handler: BlockHandler, sessions: SessionRegistry) -> None:
+    """Tell open sessions to continue elsewhere (they fail over at once) and wait a little for them to go."""
     handler.leaving.set()
     deadline = time.monotonic() + LEAVE_GRACE_S
     while sessions.sessions and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    await asyncio.to_thread(backend.shutdown)
 
 
 async def _pick_span(settings: ServerSettings, dht: DHT, model_id: str, num_blocks: int) -> tuple[int, int]:

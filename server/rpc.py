@@ -57,7 +57,12 @@ class BlockHandler:
         self.settings = settings
         self.metrics = metrics or ServerMetrics()
         self.leaving = asyncio.Event()
-        """Set on graceful shutdown: open sessions are told to fail over, new ones are refused."""
+        """Set on graceful shutdown or a move: open sessions are told to fail over, new ones are refused."""
+
+    def host(self, state: ServingState, backend: SpanBackend, sessions: SessionRegistry) -> None:
+        """Serve another span (after a rebalancing move) and take sessions again."""
+        self.state, self.backend, self.sessions = state, backend, sessions
+        self.leaving.clear()
 
     # --- inference -------------------------------------------------------------------------------------------
     async def rpc_inference(
@@ -65,6 +70,7 @@ class BlockHandler:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         peer = str(context.remote_id)
         session: Session | None = None
+        registry = self.sessions  # the server may move to other blocks meanwhile; close where we opened
         try:
             while True:
                 try:
@@ -96,7 +102,7 @@ class BlockHandler:
                 yield response
         finally:
             if session is not None:
-                self.sessions.close(session)
+                registry.close(session)
 
     async def _next_request(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> runtime_pb2.ExpertRequest:
         """The next request; TimeoutError when idle too long, ServerLeavingError once the server is leaving."""

@@ -52,6 +52,12 @@ class ServerSettings(BaseSettings):
         "they have all arrived, so a lone session never waits (0: never wait)",
     )
     announce_period_s: float = Field(5.0, gt=0, description="how often the server re-announces itself")
+    rebalance_period_s: float = Field(
+        60.0, ge=0, description="with --blocks: how often to check whether moving would help the swarm (0: never)"
+    )
+    rebalance_margin: float = Field(
+        0.2, ge=0, description="move only if the swarm's weakest block gets this much (relative) more throughput"
+    )
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="serve Prometheus /metrics on this HTTP port (0: any free port; default off)"

@@ -45,17 +45,21 @@ async def fetch_coverage(dht: DHT, model_id: str, num_blocks: int | None = None)
         num_blocks = models[model_id].num_blocks
     keys = [block_key(ModelId(model_id), i) for i in range(num_blocks)]
     raw = await _await(dht, partial(_get_many, keys))
-    servers: dict[str, RemoteServer] = {}
-    covered = [False] * num_blocks
+    # A server that moved leaves (offline) records under its old blocks: keep each peer's newest record only.
+    newest: dict[str, tuple[float, ServerRecord]] = {}
     for key in keys:
-        for peer_id, value in (raw.get(key) or {}).items():
+        for peer_id, (value, expiration) in (raw.get(key) or {}).items():
             record = ServerRecord.from_wire(value)
             if record is None or record.model_id != model_id or record.end > num_blocks:
                 continue
-            if record.state.value == "online":
-                for i in range(record.start, record.end):
-                    covered[i] = True
-            servers.setdefault(peer_id, RemoteServer(peer_id=peer_id, record=record))
+            if peer_id not in newest or expiration > newest[peer_id][0]:
+                newest[peer_id] = (expiration, record)
+    servers = {peer_id: RemoteServer(peer_id=peer_id, record=record) for peer_id, (_, record) in newest.items()}
+    covered = [False] * num_blocks
+    for server in servers.values():
+        if server.record.state.value == "online":
+            for i in range(server.start, server.end):
+                covered[i] = True
     missing = [i for i, ok in enumerate(covered) if not ok]
     return ModelCoverage(model_id=model_id, num_blocks=num_blocks, servers=list(servers.values()), missing=missing)
 
@@ -63,7 +67,7 @@ async def fetch_coverage(dht: DHT, model_id: str, num_blocks: int | None = None)
 async def fetch_models(dht: DHT) -> dict[str, ModelRecord]:
     raw = await _await(dht, partial(_get_many, [MODEL_REGISTRY_KEY]))
     models: dict[str, ModelRecord] = {}
-    for model_id, value in (raw.get(MODEL_REGISTRY_KEY) or {}).items():
+    for model_id, (value, _) in (raw.get(MODEL_REGISTRY_KEY) or {}).items():
         try:
             models[model_id] = ModelRecord.model_validate(value)
         except ValueError:
@@ -79,12 +83,14 @@ async def _store_many(keys, values, subkeys, expiration, _dht: DHT, node: DHTNod
     return await node.store_many(keys, values, expiration, subkeys=subkeys)
 
 
-async def _get_many(keys, _dht: DHT, node: DHTNode) -> dict[str, dict[str, Any]]:
-    """Latest values of dictionary keys as {key: {subkey: value}}, dropping expiration info."""
+async def _get_many(keys, _dht: DHT, node: DHTNode) -> dict[str, dict[str, tuple[Any, float]]]:
+    """Latest values of dictionary keys as {key: {subkey: (value, expiration time)}}."""
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
-    result: dict[str, dict[str, Any]] = {}
+    result: dict[str, dict[str, tuple[Any, float]]] = {}
     for key, item in found.items():
         if item is None or not isinstance(item.value, dict):
             continue
-        result[key] = {str(sub): v.value for sub, v in item.value.items() if hasattr(v, "value")}
+        result[key] = {
+            str(sub): (v.value, v.expiration_time) for sub, v in item.value.items() if hasattr(v, "expiration_time")
+        }
     return result
