@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.settings import GatewaySettings
+from swarm.runtime import prefer_passive_openmp
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
@@ -35,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--models", nargs="+", metavar="REF", help="model references to serve")
     serve.add_argument(
         "--api-keys", nargs="+", metavar="KEY", help="accepted bearer tokens (default: no auth)"
+    )
+    serve.add_argument("--api-keys-file", help="file of accepted bearer tokens, one per line")
+    serve.add_argument("--rate-limit-rpm", type=int, help="requests per minute per API key (default 0: no limit)")
+    serve.add_argument("--rate-limit-tpm", type=int, help="tokens per minute per API key (default 0: no limit)")
+    serve.add_argument(
+        "--swarm-secret",
+        help="secret of a private swarm (prefer PETALS_GATEWAY_SWARM_SECRET: flags show in process lists)",
     )
     serve.add_argument("--cache-dir", help="where converted models are kept")
     serve.add_argument("--embedded-servers", type=int, help="block servers of the embedded swarm (default 2)")
@@ -63,6 +71,7 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    prefer_passive_openmp()
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
     configure_logging(settings.log_level)

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from server.settings import ServerSettings
+from swarm.runtime import prefer_passive_openmp
 
 EPILOG = """examples:
   petals-server bootstrap --host-maddrs /ip4/0.0.0.0/tcp/31337
@@ -89,6 +90,7 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    prefer_passive_openmp()
     args = build_parser().parse_args(argv)
     if args.command == "bootstrap":
         configure_logging(args.log_level)

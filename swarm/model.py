@@ -5,6 +5,10 @@
     tokens = model.generate(input_ids, max_new_tokens=32)
     with model.inference_session(max_length=64) as session: ...
 
+    # prompt tuning (swarm.tuning): gradients come back through the swarm (swarm.remote_autograd)
+    model = AutoDistributedModelForCausalLM.from_pretrained(ref, peers, tuning_mode="ptune", pre_seq_len=16)
+    model(input_ids, labels=input_ids).loss.backward()
+
 The synchronous API drives the async ``SwarmClient`` on a private event-loop thread.
 """
 
@@ -21,8 +25,10 @@ import torch
 
 from swarm.client import ClientConfig, SwarmClient
 from swarm.head import ModelHead
+from swarm.remote_autograd import RemoteBlocks
 from swarm.sampling import SamplingParams, sample
 from swarm.session import InferenceSession
+from swarm.tuning import PromptTuning, causal_lm_loss, make_tuning
 from swarm.weights import ResolvedModel, resolve_model
 
 T = TypeVar("T")
@@ -44,6 +50,7 @@ class _LoopThread:
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor
+    loss: torch.Tensor | None = None
 
 
 class SyncInferenceSession:
@@ -72,13 +79,22 @@ class SyncInferenceSession:
 
 
 class AutoDistributedModelForCausalLM(torch.nn.Module):
-    def __init__(self, resolved: ResolvedModel, head: ModelHead, client: SwarmClient, loop: _LoopThread):
+    def __init__(
+        self,
+        resolved: ResolvedModel,
+        head: ModelHead,
+        client: SwarmClient,
+        loop: _LoopThread,
+        tuning: PromptTuning | None = None,
+    ):
         super().__init__()
         self.resolved = resolved
         self.config = resolved.spec
-        self.head = head
+        self.head = head  # frozen; ``model.head.requires_grad_(True)`` to train it too
+        self.tuning = tuning
         self.client = client
         self._loop = loop
+        self.blocks = RemoteBlocks(client, resolved.model_id, 0, resolved.spec.num_hidden_layers, loop.run)
 
     @classmethod
     def from_pretrained(
@@ -90,23 +106,43 @@ class AutoDistributedModelForCausalLM(torch.nn.Module):
         cache_dir: Path | None = None,
         dtype: torch.dtype = torch.float32,
         client_config: ClientConfig | None = None,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        prompts_path: Path | str | None = None,
     ) -> AutoDistributedModelForCausalLM:
+        """``tuning_mode="ptune"`` adds ``pre_seq_len`` trainable prompts (or those saved at ``prompts_path``)."""
         resolved = resolve_model(ref, cache_dir or DEFAULT_CACHE_DIR, model_id)
         head = ModelHead.load(resolved, dtype, "cpu")
+        tuning = make_tuning(tuning_mode, head, pre_seq_len, prompts_path)
         loop = _LoopThread()
         config = client_config or ClientConfig(initial_peers=list(initial_peers))
         client = loop.run(SwarmClient.create(config))
-        return cls(resolved, head, client, loop)
+        return cls(resolved, head, client, loop, tuning)
 
     @property
     def model_id(self) -> str:
         return self.resolved.model_id
 
-    def forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
-        """Full-sequence forward (no cache): input_ids [B, S] -> logits [B, S, V]."""
-        hidden = self.head.embed(input_ids)
-        hidden = self._loop.run(self.client.forward(self.model_id, hidden))
-        return CausalLMOutput(logits=self.head.logits(hidden))
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """Full-sequence forward (no cache): input_ids [B, S] (or inputs_embeds [B, S, D]) -> logits [B, S, V]
+        of those tokens (trained prompts are prepended, their positions dropped from the logits); with labels
+        [B, S] also the causal-LM loss. Differentiable: gradients flow back through the swarm."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, D]
+        if self.tuning is not None:
+            hidden = self.tuning.prepend(hidden)  # [B, K + S, D]
+        hidden = self.blocks(hidden)
+        if self.tuning is not None:
+            hidden = self.tuning.strip(hidden)  # [B, S, D]
+        logits = self.head.logits(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss)
 
     def inference_session(self, max_length: int, batch_size: int = 1) -> SyncInferenceSession:
         session = self.client.inference_session(self.model_id, max_length=max_length, batch_size=batch_size)
@@ -135,14 +171,19 @@ class AutoDistributedModelForCausalLM(torch.nn.Module):
         params = SamplingParams(temperature=temperature if do_sample else 0.0, top_p=top_p, top_k=top_k)
         batch = input_ids.shape[0]
         own_session = session is None
+        prompt_len = self.tuning.length if self.tuning is not None else 0
         if own_session:
-            session = self.inference_session(input_ids.shape[1] + max_new_tokens, batch_size=batch).__enter__()
+            length = prompt_len + input_ids.shape[1] + max_new_tokens
+            session = self.inference_session(length, batch_size=batch).__enter__()
         try:
             tokens = input_ids
             new_ids = input_ids
             done = torch.zeros(batch, dtype=torch.bool)
             for _ in range(max_new_tokens):
-                hidden = session.step(self.head.embed(new_ids))
+                hidden = self.head.embed(new_ids)
+                if self.tuning is not None and session.position == 0:
+                    hidden = self.tuning.prepend(hidden)  # the prompts open a fresh session
+                hidden = session.step(hidden)
                 logits = self.head.logits(hidden, last_only=True)[:, -1]
                 next_ids = sample(logits, params, generator)
                 if eos:

@@ -1,0 +1,171 @@
+"""Remote blocks as a differentiable function: ``loss.backward()`` reaches local tensors through the swarm.
+
+    blocks = RemoteBlocks(client, model_id, 0, num_blocks, run=loop.run)
+    out = blocks(hidden)      # hidden [B, S, D] (may require grad) -> [B, S, D]
+    loss(out).backward()      # hidden.grad (and whatever produced hidden: prompts, embeddings) is filled
+
+Forward runs ``rpc_forward`` hop by hop and keeps each hop's input; backward runs ``rpc_backward`` hop by hop in
+reverse with those inputs (servers recompute their activations, so they keep no state between the two; the idea
+is Petals' ``_RemoteSequentialAutogradFunction``). The servers' weights never change: only gradients with
+respect to the hidden states come back.
+
+Failover: a hop that fails with a retryable ``SwarmError`` is banned and its span re-routed afresh (maybe over
+several servers); in backward the replacement hops' inputs are recomputed by a forward over the new route first.
+Both directions share one retry budget per call, ``client.config.max_retries``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from swarm.errors import SwarmError
+from swarm.routing import Hop
+from swarm.span_call import call_backward, call_forward
+
+if TYPE_CHECKING:
+    from swarm.client import SwarmClient
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Runner = Callable[[Coroutine[Any, Any, T]], T]
+"""Runs a coroutine on the client's event loop and waits for it (``_LoopThread.run``; ``asyncio.run`` in tests)."""
+
+
+class ForwardCall(Protocol):
+    def __call__(self, client: Any, model_id: str, hop: Hop, hidden: torch.Tensor) -> Awaitable[torch.Tensor]: ...
+
+
+class BackwardCall(Protocol):
+    def __call__(
+        self, client: Any, model_id: str, hop: Hop, hidden: torch.Tensor, grad_output: torch.Tensor
+    ) -> Awaitable[torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class TracedHop:
+    """A hop that ran, with the input it was given: all that backward needs to ask for this span's gradient."""
+
+    hop: Hop
+    hidden: torch.Tensor  # [B, S, D]
+
+
+class _RetryBudget:
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def spend(self, error: SwarmError) -> None:
+        """Count one failover, or re-raise ``error`` when it is not retryable or the budget is spent."""
+        self.used += 1
+        if not error.retryable or self.used > self.limit:
+            raise error
+
+
+class RemoteBlocks:
+    """Blocks [start, end) of ``model_id`` in the swarm, callable on hidden states with autograd support.
+
+    ``forward_call`` / ``backward_call`` are the transport seam (``swarm.span_call`` by default); tests pass
+    in-process fakes.
+    """
+
+    def __init__(
+        self,
+        client: SwarmClient,
+        model_id: str,
+        start: int,
+        end: int,
+        run: Runner,
+        *,
+        forward_call: ForwardCall = call_forward,
+        backward_call: BackwardCall = call_backward,
+    ):
+        self.client = client
+        self.model_id = model_id
+        self.start = start
+        self.end = end
+        self.run = run
+        self._forward_call = forward_call
+        self._backward_call = backward_call
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [B, S, D] -> [B, S, D] after the last block; differentiable with respect to ``hidden``."""
+        return _RemoteBlocksFunction.apply(hidden, self)
+
+    # --- async halves, run on the client's loop ----------------------------------------------------------------
+    async def forward_traced(
+        self, hidden: torch.Tensor, start: int | None = None, end: int | None = None, budget: _RetryBudget | None = None
+    ) -> tuple[torch.Tensor, list[TracedHop]]:
+        """Run blocks [start, end) hop by hop; return the output and each hop that ran with its input."""
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        budget = budget or _RetryBudget(self.client.config.max_retries)
+        pending = deque(await self.client.route(self.model_id, start, end))
+        trace: list[TracedHop] = []
+        while pending:
+            hop = pending.popleft()
+            try:
+                out = await self._forward_call(self.client, self.model_id, hop, hidden)
+            except SwarmError as e:
+                budget.spend(e)
+                self._log_failover("forward", hop, e)
+                self.client.bans.ban(hop.peer_id)
+                pending.extendleft(reversed(await self.client.route(self.model_id, hop.start, hop.end, fresh=True)))
+                continue
+            trace.append(TracedHop(hop, hidden))
+            hidden = out
+        return hidden, trace
+
+    async def backward_traced(
+        self, trace: list[TracedHop], grad_output: torch.Tensor, budget: _RetryBudget | None = None
+    ) -> torch.Tensor:
+        """grad_output [B, S, D] with respect to the last hop's output -> gradient with respect to the first input."""
+        budget = budget or _RetryBudget(self.client.config.max_retries)
+        grad = grad_output
+        for traced in reversed(trace):
+            grad = await self._backward_hop(traced, grad, budget)
+        return grad
+
+    async def _backward_hop(self, traced: TracedHop, grad: torch.Tensor, budget: _RetryBudget) -> torch.Tensor:
+        hop = traced.hop
+        try:
+            return await self._backward_call(self.client, self.model_id, hop, traced.hidden, grad)
+        except SwarmError as e:
+            budget.spend(e)
+            self._log_failover("backward", hop, e)
+            self.client.bans.ban(hop.peer_id)
+        # The replacement route may split the span: recompute the inputs of its hops, then go back through them.
+        _, sub_trace = await self.forward_traced(traced.hidden, hop.start, hop.end, budget)
+        return await self.backward_traced(sub_trace, grad, budget)
+
+    def _log_failover(self, direction: str, hop: Hop, error: SwarmError) -> None:
+        logger.warning(
+            "%s on peer %s blocks %d:%d of %s failed (%s); rerouting",
+            direction, hop.peer_id, hop.start, hop.end, self.model_id, error,
+        )  # fmt: skip
+
+
+class _RemoteBlocksFunction(torch.autograd.Function):
+    """Autograd glue: the remote chain is one node of the local graph."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, blocks: RemoteBlocks) -> torch.Tensor:
+        out, trace = blocks.run(blocks.forward_traced(hidden.detach()))
+        ctx.blocks = blocks
+        ctx.trace = trace  # detached inputs, one per hop: not saved tensors of the graph, so plain attributes
+        ctx.input_dtype = hidden.dtype
+        return out.to(hidden.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        blocks: RemoteBlocks = ctx.blocks
+        grad_input = blocks.run(blocks.backward_traced(ctx.trace, grad_output.contiguous()))
+        return grad_input.to(ctx.input_dtype), None
