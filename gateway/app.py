@@ -6,19 +6,22 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from gateway.api import chat, completions, health, models, monitoring
+from gateway.api.deps import key_digest
 from gateway.embedded import EmbeddedSwarm, ready_banner, wait_until_served
 from gateway.errors import install_error_handlers
 from gateway.generation.model import LoadedModel, ModelLoader, load_model
 from gateway.generation.protocols import SwarmClientLike
 from gateway.instrumentation import MetricsMiddleware, ObservedSwarm
+from gateway.limits import RateLimiter
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import RequestIdMiddleware
+from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from gateway.services.swarm_view import SwarmInspectorLike, SwarmView
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
@@ -32,11 +35,11 @@ InspectorFactory = Callable[[SwarmClientLike], SwarmInspectorLike]
 """the connected swarm client -> what /v1/swarm reads (every announced model, server probes)."""
 
 
-async def connect_swarm(initial_peers: list[str]) -> SwarmClientLike:
+async def connect_swarm(initial_peers: list[str], swarm_secret: str | None = None) -> SwarmClientLike:
     """The real swarm client (imported here so that tests with a fake never load it)."""
     from swarm.client import ClientConfig, SwarmClient
 
-    return await SwarmClient.create(ClientConfig(initial_peers=initial_peers))
+    return await SwarmClient.create(ClientConfig(initial_peers=initial_peers, swarm_secret=swarm_secret))
 
 
 def connect_inspector(swarm: SwarmClientLike) -> SwarmInspectorLike:
@@ -49,12 +52,15 @@ def connect_inspector(swarm: SwarmClientLike) -> SwarmInspectorLike:
 def create_app(
     settings: GatewaySettings,
     *,
-    swarm_factory: SwarmFactory = connect_swarm,
+    swarm_factory: SwarmFactory | None = None,
     model_loader: ModelLoader = load_model,
     inspector_factory: InspectorFactory = connect_inspector,
 ) -> FastAPI:
     """Build the app; nothing starts until its lifespan runs (so exporting the OpenAPI schema is free)."""
     metrics = GatewayMetrics()
+    secret = settings.swarm_secret.get_secret_value() if settings.swarm_secret else None
+    if swarm_factory is None:
+        swarm_factory = partial(connect_swarm, swarm_secret=secret)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -90,6 +96,8 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.api_key_digests = [key_digest(key) for key in settings.accepted_api_keys()]
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
     install_error_handlers(app)
     for router in (chat.router, completions.router, models.router, health.router, monitoring.router):
         app.include_router(router)
@@ -101,6 +109,7 @@ def create_app(
             allow_headers=["*"],
             expose_headers=["x-request-id", "retry-after"],
         )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost: names every response, catches what is left
     _document_400_not_422(app)

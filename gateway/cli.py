@@ -34,9 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="multiaddrs of swarm peers to join; omit to start an embedded local swarm",
     )  # fmt: skip
     serve.add_argument("--models", nargs="+", metavar="REF", help="model references to serve")
-    serve.add_argument(
-        "--api-keys", nargs="+", metavar="KEY", help="accepted bearer tokens (default: no auth)"
-    )
+    serve.add_argument("--api-keys", nargs="+", metavar="KEY", help="accepted bearer tokens (default: no auth)")
     serve.add_argument("--api-keys-file", help="file of accepted bearer tokens, one per line")
     serve.add_argument("--rate-limit-rpm", type=int, help="requests per minute per API key (default 0: no limit)")
     serve.add_argument("--rate-limit-tpm", type=int, help="tokens per minute per API key (default 0: no limit)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -101,7 +102,11 @@ class EmbeddedSwarm:
         argv = [*self._command, *args, "--ready-file", str(ready_file)]
         logger.info("starting %s: %s", name, " ".join(argv))
         # A new session: Ctrl+C in the gateway's terminal reaches the gateway only, which then stops children.
-        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        env = dict(os.environ)
+        if self._settings.swarm_secret is not None:
+            # Through the environment, not a flag: flags show in every process list.
+            env["PETALS_SERVER_SWARM_SECRET"] = self._settings.swarm_secret.get_secret_value()
+        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         child = _Child(name, process, ready_file, log_path, log_file)
         self._children.append(child)
         return child
@@ -158,9 +163,7 @@ async def wait_until_served(swarm: SwarmClientLike, model_ids: Sequence[str], ti
             except Exception as e:  # not announced yet reads as an error on some paths; keep polling
                 status = f"{type(e).__name__}: {e}"
             if time.monotonic() > deadline:
-                raise EmbeddedSwarmError(
-                    f"model {model_id} not fully served after {timeout_s:.0f}s ({status})"
-                )
+                raise EmbeddedSwarmError(f"model {model_id} not fully served after {timeout_s:.0f}s ({status})")
             await asyncio.sleep(0.5)
 
 
@@ -168,9 +171,7 @@ def ready_banner(settings: GatewaySettings, model_id: str) -> str:
     """What to tell a developer once the embedded swarm serves every model."""
     url = f"http://{settings.host}:{settings.port}/v1"
     auth = ' -H "Authorization: Bearer $KEY"' if settings.api_keys else ""
-    body = json.dumps(
-        {"model": model_id, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}
-    )
+    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
     return (
         f"\nGateway ready at {url}\nTry:\n  curl {url}/chat/completions -H 'Content-Type: application/json'"
         f"{auth} -d '{body}'\n"

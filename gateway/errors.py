@@ -6,6 +6,8 @@
     │       (a GrammarError, i.e. a schema that cannot be enforced, becomes a 400 with code invalid_json_schema)
     ├── AuthenticationError             401     invalid_request_error    invalid_api_key
     ├── ModelNotFoundError              404     invalid_request_error    model_not_found
+    ├── RequestTooLargeError            413     invalid_request_error    request_too_large
+    ├── RateLimitError                  429     requests | tokens        rate_limit_exceeded  (Retry-After)
     ├── OverloadedError                 429     rate_limit_error         server_busy      (Retry-After)
     ├── InternalServerError             500     api_error                internal_error
     ├── UpstreamError                   502     api_error                (swarm error code)
@@ -19,6 +21,7 @@ streaming error event both go through it, so a failure is described the same way
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -79,6 +82,25 @@ class ModelNotFoundError(GatewayError):
     default_code = "model_not_found"
 
 
+class RequestTooLargeError(GatewayError):
+    status_code = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class RateLimitError(GatewayError):
+    """A key used up its requests or tokens per minute; ``type`` names which, as OpenAI's 429 body does."""
+
+    status_code = 429
+    type = "requests"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str, retry_after_s: float | None):
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+        super().__init__(message, headers=headers)
+        self.type = kind
+
+
 class OverloadedError(GatewayError):
     status_code = 429
     type = "rate_limit_error"
@@ -132,6 +154,8 @@ def translate(exc: BaseException) -> GatewayError:
         return GatewayTimeoutError("the swarm did not answer in time")
     if isinstance(exc, RequestValidationError):
         return _from_validation(exc)
+    if isinstance(exc, StarletteHTTPException) and exc.status_code == 413:
+        return RequestTooLargeError(str(exc.detail))
     if isinstance(exc, StarletteHTTPException):
         cls = ModelNotFoundError if exc.status_code == 404 else InvalidRequestError
         err = cls(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
@@ -177,13 +201,9 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     err = translate(exc)
     request_id = getattr(request.state, "request_id", "-")
     if err.status_code >= 500:
-        logger.warning(
-            "[%s] %s %s -> %d %s", request_id, request.method, request.url.path, err.status_code, exc
-        )
+        logger.warning("[%s] %s %s -> %d %s", request_id, request.method, request.url.path, err.status_code, exc)
     else:
-        logger.info(
-            "[%s] %s %s -> %d %s", request_id, request.method, request.url.path, err.status_code, err.message
-        )
+        logger.info("[%s] %s %s -> %d %s", request_id, request.method, request.url.path, err.status_code, err.message)
     return error_response(err)
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 StrList = Annotated[list[str], NoDecode]
@@ -30,6 +30,28 @@ class GatewaySettings(BaseSettings):
     api_keys: StrList = Field(
         default_factory=list, description="Accepted bearer tokens; empty disables authentication."
     )
+    api_keys_file: Path | None = Field(
+        None, description="File of accepted bearer tokens, one per line (blank lines and # comments skipped)."
+    )
+    rate_limit_rpm: int = Field(0, ge=0, description="Requests per minute allowed per API key (0: no limit).")
+    rate_limit_tpm: int = Field(
+        0,
+        ge=0,
+        description="Tokens per minute allowed per API key, counted as OpenAI does when a request arrives: prompt "
+        "tokens plus max_tokens for each choice (0: no limit).",
+    )
+    max_body_bytes: int = Field(
+        1_048_576, ge=1, description="Largest request body accepted; larger ones are refused before parsing (413)."
+    )
+    max_messages: int = Field(256, ge=1, description="Most messages in one chat completion request.")
+    max_prompt_tokens: int = Field(
+        0, ge=0, description="Most prompt tokens in one request (0: only the model's context length limits it)."
+    )
+    swarm_secret: SecretStr | None = Field(
+        None,
+        description="Secret of a private swarm: only servers that know it are used (and the embedded swarm's "
+        "servers get it). Prefer PETALS_GATEWAY_SWARM_SECRET to a flag.",
+    )
     cache_dir: Path = Field(
         Path("~/.cache/petals-next").expanduser(), description="Where converted model folders are kept."
     )
@@ -48,17 +70,13 @@ class GatewaySettings(BaseSettings):
         default_factory=list, description="Origins allowed by CORS; empty disables the CORS middleware."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
-    embedded_servers: int = Field(
-        2, ge=1, description="Block servers the embedded swarm splits each model across."
-    )
+    embedded_servers: int = Field(2, ge=1, description="Block servers the embedded swarm splits each model across.")
     open_monitoring: bool = Field(
         True,
         description="Serve /health, /metrics, /dashboard and /v1/swarm without an API key (else they need one).",
     )
     device: str = Field("cpu", description="Torch device of the local head (embeddings, norm, LM head).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Torch dtype of the local head."
-    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Torch dtype of the local head.")
 
     @field_validator("initial_peers", "models", "api_keys", "cors_origins", mode="before")
     @classmethod
@@ -70,6 +88,16 @@ class GatewaySettings(BaseSettings):
                 return json.loads(text)
             return [part for part in text.replace(",", " ").split() if part]
         return value
+
+    def accepted_api_keys(self) -> list[str]:
+        """``api_keys`` plus the keys in ``api_keys_file`` (read once, when the app is built)."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.expanduser().read_text().splitlines():
+                key = line.strip()
+                if key and not key.startswith("#"):
+                    keys.append(key)
+        return keys
 
     @field_validator("cache_dir", mode="after")
     @classmethod

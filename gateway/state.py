@@ -26,7 +26,5 @@ class GatewayState:
             for candidate in self.models.values():
                 if candidate.ref == name:
                     return candidate
-            raise ModelNotFoundError(
-                f"The model {name!r} does not exist or is not served here.", param="model"
-            )
+            raise ModelNotFoundError(f"The model {name!r} does not exist or is not served here.", param="model")
         return found

@@ -37,9 +37,7 @@ async def sse_events(
                 yield sse_data(event)
         except Exception as exc:
             err = translate(exc)
-            logger.warning(
-                "[%s] stream failed after it started: %s -> %s", current_request_id(), exc, err.code
-            )
+            logger.warning("[%s] stream failed after it started: %s -> %s", current_request_id(), exc, err.code)
             yield sse_data(err.body())
         yield DONE
     finally:
@@ -49,6 +47,4 @@ async def sse_events(
 
 def event_source(stream: AsyncIterator[bytes]) -> EventSourceResponse:
     """The HTTP response for a stream (``\\n`` line ends, as OpenAI sends them)."""
-    return EventSourceResponse(
-        stream, sep="\n", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    return EventSourceResponse(stream, sep="\n", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

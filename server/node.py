@@ -23,9 +23,10 @@ from server.model import BlockSpan
 from server.placement import choose_span
 from server.rebalance import plan_move
 from server.rpc import BlockHandler, ServingState
-from server.sessions import SessionRegistry
+from server.sessions import SessionLimits, SessionRegistry
 from server.settings import ServerSettings
 from swarm import PROTOCOL_VERSION
+from swarm.auth import SwarmSecret, swarm_secret
 from swarm.dht import fetch_coverage
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.service import BlockService
@@ -55,6 +56,11 @@ def write_ready_file(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload))
     os.replace(tmp, path)
+
+
+def secret_of(settings: ServerSettings) -> SwarmSecret | None:
+    """The private swarm's secret (None: a public swarm)."""
+    return swarm_secret(settings.swarm_secret.get_secret_value() if settings.swarm_secret else None)
 
 
 def start_dht(settings: ServerSettings, initial_peers: list[str]) -> DHT:
@@ -103,6 +109,7 @@ async def host_span(settings: ServerSettings, resolved: ResolvedModel, start: in
         hosted_blocks=end - start,
         page_tokens=settings.kv_page_tokens,
         alloc_timeout_s=settings.alloc_timeout_s,
+        limits=SessionLimits(settings.max_sessions, settings.max_sessions_per_peer, settings.max_cache_share),
     )
     state = ServingState(
         model_id=resolved.model_id,
@@ -124,16 +131,20 @@ class BlockServer:
         self.dht = dht
         self.peer_id = dht.peer_id.to_base58()
         self.hosting = hosting
+        self.secret = secret_of(settings)
         self.metrics = ServerMetrics()
         self.metrics.watch_sessions(hosting.sessions)
-        self.handler = BlockHandler(hosting.state, hosting.backend, hosting.sessions, settings, self.metrics)
+        self.handler = BlockHandler(
+            hosting.state, hosting.backend, hosting.sessions, settings, self.metrics,
+            peer_id=self.peer_id, secret=self.secret,
+        )  # fmt: skip
         spec = resolved.spec
         model_record = ModelRecord(num_blocks=spec.num_hidden_layers, hidden_size=spec.hidden_size)
         self.announcer = Announcer(dht, self.peer_id, self.make_record, model_record, settings.announce_period_s)
 
     def make_record(self, server_state: ServerState) -> ServerRecord:
         hosting = self.hosting
-        return ServerRecord(
+        record = ServerRecord(
             model_id=self.resolved.model_id,
             start=hosting.start,
             end=hosting.end,
@@ -146,6 +157,9 @@ class BlockServer:
             device=str(hosting.backend.device),
             dtype=str(hosting.backend.dtype).split(".")[-1],
         )
+        if self.secret is not None:
+            record.auth = self.secret.sign_record(record.to_wire(), self.peer_id)
+        return record
 
     async def start(self) -> dict:
         """Register the RPC handlers, announce, print the summary; returns the join info for the ready file."""
@@ -179,7 +193,7 @@ class BlockServer:
         while True:
             await asyncio.sleep(self.settings.rebalance_period_s * random.uniform(0.5, 1.5))
             try:
-                coverage = await fetch_coverage(self.dht, self.resolved.model_id, num_blocks)
+                coverage = await fetch_coverage(self.dht, self.resolved.model_id, num_blocks, self.secret)
             except Exception as e:  # the DHT may hiccup; try again next period
                 logger.warning("rebalancing: could not read the swarm's coverage: %s", e)
                 continue
@@ -260,7 +274,7 @@ async def _pick_span(settings: ServerSettings, dht: DHT, model_id: str, num_bloc
             raise SystemExit(f"--block-indices {start}:{end} is beyond the model's {num_blocks} blocks")
         return start, end
     count = settings.blocks or num_blocks
-    coverage = await fetch_coverage(dht, model_id, num_blocks)
+    coverage = await fetch_coverage(dht, model_id, num_blocks, secret_of(settings))
     return choose_span(coverage, num_blocks, count)
 
 

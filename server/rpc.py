@@ -19,6 +19,7 @@ from server.metrics import ServerMetrics
 from server.sessions import Session, SessionRegistry
 from server.settings import ServerSettings
 from server.validation import check_hidden, check_span, decode_tensors
+from swarm.auth import SwarmSecret
 from swarm.errors import BadRequestError, ErrorPayload, ServerLeavingError, SessionError, SwarmError
 from swarm.messages import ForwardRequest, InferenceStep, OpenSession, RpcResult, ServerInfoResult, StepResult
 from swarm.tensors import encode
@@ -50,12 +51,19 @@ class BlockHandler:
         sessions: SessionRegistry,
         settings: ServerSettings,
         metrics: ServerMetrics | None = None,
+        *,
+        peer_id: str = "",
+        secret: SwarmSecret | None = None,
     ):
         self.state = state
         self.backend = backend
         self.sessions = sessions
         self.settings = settings
         self.metrics = metrics or ServerMetrics()
+        self.peer_id = peer_id
+        self.secret = secret
+        """A private swarm's secret: every session and unary call must prove it (rpc_info stays open: it tells
+        no more than the DHT record does)."""
         self.leaving = asyncio.Event()
         """Set on graceful shutdown or a move: open sessions are told to fail over, new ones are refused."""
 
@@ -124,7 +132,7 @@ class BlockHandler:
     async def _open(self, open_msg: OpenSession | None, peer: str) -> Session:
         if open_msg is None:
             raise SessionError("the first message of an inference stream must open a session")
-        self._check_span_request(open_msg)
+        self._check_span_request(open_msg, peer)
         if self.leaving.is_set():
             raise ServerLeavingError("this server is leaving the swarm and takes no new sessions")
         if open_msg.max_length > self.state.max_length:
@@ -164,7 +172,7 @@ class BlockHandler:
     async def _unary(self, request, context: P2PContext, expected_tensors: int) -> runtime_pb2.ExpertResponse:
         try:
             meta = ForwardRequest.decode(request.metadata)
-            self._check_span_request(meta)
+            self._check_span_request(meta, str(context.remote_id))
             tensors = decode_tensors(request.tensors, expected_tensors)
             for tensor in tensors:
                 check_hidden(tensor, self.state.hidden_size, self.settings.max_step_tokens)
@@ -201,7 +209,9 @@ class BlockHandler:
         )
         return runtime_pb2.ExpertResponse(metadata=info.encode())
 
-    def _check_span_request(self, meta: ForwardRequest | OpenSession) -> None:
+    def _check_span_request(self, meta: ForwardRequest | OpenSession, peer: str) -> None:
+        if self.secret is not None:
+            self.secret.check(meta.auth, peer, self.peer_id)
         meta.check_version()
         if meta.model_id != self.state.model_id:
             raise BadRequestError(f"this server serves {self.state.model_id!r}, not {meta.model_id!r}")

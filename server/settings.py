@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "petals-next"
@@ -44,6 +44,25 @@ class ServerSettings(BaseSettings):
     )
     prefill_chunk_tokens: int = Field(
         256, gt=0, description="long prompts run in chunks of this many tokens, interleaved with decode batches"
+    )
+    max_sessions: int = Field(
+        256, ge=0, description="most sessions open at once on this server, all peers (0: no limit)"
+    )
+    max_sessions_per_peer: int = Field(
+        64,
+        ge=0,
+        description="most sessions open at once from one peer (0: no limit); a gateway is one peer for all its users",
+    )
+    max_cache_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="most of the attention cache one peer may hold while other peers wait for it (1: no limit)",
+    )
+    swarm_secret: SecretStr | None = Field(
+        None,
+        description="private swarm: serve only clients that prove this shared secret, and sign announcements with it "
+        "(prefer the PETALS_SERVER_SWARM_SECRET environment variable: flags show in process lists)",
     )
     batch_wait_ms: float = Field(
         0.0,

@@ -21,6 +21,7 @@ import torch
 from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 
+from swarm.auth import SwarmSecret, swarm_secret
 from swarm.dht import fetch_coverage, fetch_models
 from swarm.errors import MissingBlocksError, ModelNotFoundError, PeerUnreachableError, SwarmError
 from swarm.latency import LatencyTracker
@@ -53,6 +54,9 @@ class ClientConfig:
     ban_s: float = 15.0
     """How long a failed server is avoided; doubles on each repeated failure."""
     route_jitter: float = 0.1
+    swarm_secret: str | None = field(default=None, repr=False)
+    """A private swarm's shared secret: requests carry a proof of it, and servers whose DHT records are not
+    signed with it are never used. None: a public swarm."""
 
 
 class BanList:
@@ -83,6 +87,8 @@ class SwarmClient:
         self._owns_dht = owns_dht
         self._coverage: dict[str, tuple[float, ModelCoverage]] = {}
         self._refreshing: dict[str, asyncio.Task] = {}
+        self.secret: SwarmSecret | None = swarm_secret(config.swarm_secret)
+        self.peer_id = p2p.peer_id.to_base58()
 
     @classmethod
     async def create(cls, config: ClientConfig, dht: DHT | None = None) -> SwarmClient:
@@ -115,7 +121,7 @@ class SwarmClient:
         return await self._refresh(model_id)
 
     async def _refresh(self, model_id: str) -> ModelCoverage:
-        coverage = await fetch_coverage(self.dht, model_id)
+        coverage = await fetch_coverage(self.dht, model_id, secret=self.secret)
         self._coverage[model_id] = (time.monotonic(), coverage)
         return coverage
 

@@ -13,6 +13,7 @@ from typing import Any
 from hivemind.dht import DHT, DHTNode
 from hivemind.utils import get_dht_time
 
+from swarm.auth import SwarmSecret
 from swarm.ids import MODEL_REGISTRY_KEY, ModelId, block_key
 from swarm.records import ModelCoverage, ModelRecord, RemoteServer, ServerRecord
 
@@ -36,8 +37,13 @@ async def announce(
     return all(results.values())
 
 
-async def fetch_coverage(dht: DHT, model_id: str, num_blocks: int | None = None) -> ModelCoverage:
-    """Read who serves which blocks of ``model_id``; ``num_blocks`` is looked up in the registry if not given."""
+async def fetch_coverage(
+    dht: DHT, model_id: str, num_blocks: int | None = None, secret: SwarmSecret | None = None
+) -> ModelCoverage:
+    """Read who serves which blocks of ``model_id``; ``num_blocks`` is looked up in the registry if not given.
+
+    With a private swarm's ``secret``, records that its servers did not sign are left out (as if absent).
+    """
     if num_blocks is None:
         models = await fetch_models(dht)
         if model_id not in models:
@@ -49,6 +55,8 @@ async def fetch_coverage(dht: DHT, model_id: str, num_blocks: int | None = None)
     newest: dict[str, tuple[float, ServerRecord]] = {}
     for key in keys:
         for peer_id, (value, expiration) in (raw.get(key) or {}).items():
+            if secret is not None and not secret.verify_record(value, peer_id):
+                continue
             record = ServerRecord.from_wire(value)
             if record is None or record.model_id != model_id or record.end > num_blocks:
                 continue

@@ -8,6 +8,7 @@
     │   ├── SessionError            unknown, closed or expired session
     │   ├── ServerBusyError         cache or session limits reached                            retryable
     │   ├── ServerLeavingError      the server is shutting down gracefully                     retryable
+    │   ├── UnauthorizedError       a private server refused a caller without the swarm secret
     │   └── ProtocolMismatchError   the peer speaks another protocol version
     └── PeerUnreachableError        the transport failed or timed out                          retryable
 
@@ -76,6 +77,12 @@ class ServerLeavingError(RemoteError):
     retryable = True
 
 
+class UnauthorizedError(RemoteError):
+    """A private swarm's server refused a request that carried no valid proof of the swarm secret."""
+
+    code = "unauthorized"
+
+
 class ProtocolMismatchError(RemoteError):
     code = "protocol_mismatch"
 
@@ -87,7 +94,15 @@ class PeerUnreachableError(SwarmError):
 
 _BY_CODE: dict[str, type[SwarmError]] = {
     cls.code: cls
-    for cls in (RemoteError, BadRequestError, SessionError, ServerBusyError, ServerLeavingError, ProtocolMismatchError)
+    for cls in (
+        RemoteError,
+        BadRequestError,
+        SessionError,
+        ServerBusyError,
+        ServerLeavingError,
+        UnauthorizedError,
+        ProtocolMismatchError,
+    )
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from swarm import PROTOCOL_VERSION
+from swarm.auth import RpcProof
 from swarm.errors import BadRequestError, ErrorPayload, ProtocolMismatchError
 
 
@@ -34,6 +35,8 @@ class SpanRequest(_Message):
     model_id: str
     start: int = Field(ge=0)
     end: int = Field(gt=0)
+    auth: RpcProof | None = None
+    """Proof of the swarm secret (private swarms only; ``swarm.auth``)."""
 
     def check_version(self) -> None:
         if self.protocol_version != PROTOCOL_VERSION:

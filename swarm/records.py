@@ -34,6 +34,8 @@ class ServerRecord(BaseModel):
     public_name: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    auth: str | None = None
+    """Private swarms: the server's HMAC of this record under the swarm secret (``swarm.auth``)."""
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -17,6 +17,7 @@ import torch
 from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
+from swarm.auth import RpcProof
 from swarm.errors import PeerUnreachableError, SwarmError, error_from_payload
 from swarm.messages import ForwardRequest, InferenceStep, OpenSession, RpcResult, StepResult
 from swarm.routing import Hop
@@ -39,7 +40,7 @@ _TRANSPORT_ERRORS = (
 
 
 async def call_forward(client: SwarmClient, model_id: str, hop: Hop, hidden: torch.Tensor) -> torch.Tensor:
-    meta = ForwardRequest(model_id=model_id, start=hop.start, end=hop.end)
+    meta = ForwardRequest(model_id=model_id, start=hop.start, end=hop.end, auth=prove(client, hop))
     request = runtime_pb2.ExpertRequest(tensors=[encode(hidden)], metadata=meta.encode())
     response = await _unary(client, hop, "rpc_forward", request)
     return decode(response.tensors[0])
@@ -48,10 +49,16 @@ async def call_forward(client: SwarmClient, model_id: str, hop: Hop, hidden: tor
 async def call_backward(
     client: SwarmClient, model_id: str, hop: Hop, hidden: torch.Tensor, grad_output: torch.Tensor
 ) -> torch.Tensor:
-    meta = ForwardRequest(model_id=model_id, start=hop.start, end=hop.end)
+    meta = ForwardRequest(model_id=model_id, start=hop.start, end=hop.end, auth=prove(client, hop))
     request = runtime_pb2.ExpertRequest(tensors=[encode(hidden), encode(grad_output)], metadata=meta.encode())
     response = await _unary(client, hop, "rpc_backward", request)
     return decode(response.tensors[0])
+
+
+def prove(client: SwarmClient, hop: Hop) -> RpcProof | None:
+    """The proof of the swarm secret for a request to ``hop`` (None in a public swarm)."""
+    secret = client.secret
+    return secret.prove(client.peer_id, hop.peer_id) if secret is not None else None
 
 
 async def _unary(client: SwarmClient, hop: Hop, method: str, request) -> runtime_pb2.ExpertResponse:
@@ -88,7 +95,10 @@ class SpanStream:
         if self.closed:
             raise PeerUnreachableError(f"stream to peer {self.hop.peer_id} is closed")
         self._step_id += 1
-        meta = InferenceStep(open=self._open_msg, position=position, step_id=self._step_id)
+        open_msg = self._open_msg
+        if open_msg is not None and self._client.secret is not None:
+            open_msg = open_msg.model_copy(update={"auth": prove(self._client, self.hop)})
+        meta = InferenceStep(open=open_msg, position=position, step_id=self._step_id)
         self._open_msg = None
         await self._requests.put(runtime_pb2.ExpertRequest(tensors=[encode(hidden)], metadata=meta.encode()))
         timeout = self._step_timeout(hidden.shape[1])

@@ -1,13 +1,15 @@
-"""Shared dependencies of the routers: the gateway state and API-key authentication."""
+"""Shared dependencies of the routers: the gateway state, API-key authentication and per-key rate limits."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from gateway.errors import AuthenticationError
+from gateway.limits import Quota, RateLimiter
 from gateway.state import GatewayState
 
 
@@ -18,22 +20,42 @@ def get_state(request: Request) -> GatewayState:
 StateDep = Annotated[GatewayState, Depends(get_state)]
 
 
-def require_api_key(request: Request) -> None:
-    """Accept ``Authorization: Bearer <key>`` when keys are configured (constant-time comparison)."""
-    keys: list[str] = request.app.state.settings.api_keys
-    if not keys:
-        return
+def key_digest(key: str) -> bytes:
+    """Keys are compared (and rate-limited) by their SHA-256, so every comparison has the same length."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+def require_api_key(request: Request) -> str:
+    """Accept ``Authorization: Bearer <key>`` when keys are configured (constant-time comparison).
+
+    Returns who is calling, for rate limits: the key's digest, or the client address when auth is off.
+    """
+    digests: list[bytes] = request.app.state.api_key_digests
+    if not digests:
+        return f"client:{request.client.host if request.client else '-'}"
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'.")
-    presented = token.strip().encode()
+    presented = key_digest(token.strip())
     # Compare against every key (no early exit), so the timing does not tell which key was close.
     matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(presented, key.encode())
+    for digest in digests:
+        matched |= hmac.compare_digest(presented, digest)
     if not matched:
         raise AuthenticationError("Incorrect API key provided.")
+    return f"key:{presented.hex()}"
+
+
+def charge_request(request: Request, caller: Annotated[str, Depends(require_api_key)]) -> Quota:
+    """Count the request against its caller's requests per minute (429 when used up); returns the caller's
+    token budget, which the service charges once it knows the prompt length and max_tokens."""
+    limiter: RateLimiter = request.app.state.rate_limiter
+    limiter.charge_request(caller)
+    return Quota(limiter, caller)
+
+
+QuotaDep = Annotated[Quota, Depends(charge_request)]
 
 
 def require_monitoring_access(request: Request) -> None:

@@ -23,9 +23,7 @@ def render_chat(
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError("this model has no chat template; use /v1/completions")
     try:
-        text = tokenizer.apply_chat_template(
-            messages, tools=tools or None, tokenize=False, add_generation_prompt=True
-        )
+        text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # jinja raises TemplateError (e.g. roles must alternate) and others
         raise ChatTemplateError(f"cannot apply the chat template: {e}") from e
     return str(text)

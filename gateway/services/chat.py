@@ -22,6 +22,7 @@ from gateway.generation.tool_format import (
     parse_tool_calls,
     template_supports_tools,
 )
+from gateway.limits import Quota
 from gateway.schemas.chat import (
     AssistantMessage,
     ChatCompletionChoice,
@@ -45,10 +46,18 @@ from gateway.streaming import sse_events
 
 
 async def create_chat_completion(
-    state: GatewayState, req: ChatCompletionRequest
+    state: GatewayState, req: ChatCompletionRequest, quota: Quota | None = None
 ) -> ChatCompletionResponse | AsyncIterator[bytes]:
-    """A finished response, or (``req.stream``) SSE bytes whose first token is already computed."""
+    """A finished response, or (``req.stream``) SSE bytes whose first token is already computed.
+
+    ``quota``: the caller's tokens per minute, charged once the request is known to be valid."""
     model = state.model(req.model)
+    if len(req.messages) > state.settings.max_messages:
+        raise InvalidRequestError(
+            f"{len(req.messages)} messages; this gateway allows at most {state.settings.max_messages}",
+            param="messages",
+            code="too_many_messages",
+        )
     plan = plan_tools(req)
     messages = template_messages(req.messages)
     prompt_ids = await asyncio.to_thread(_encode_chat, model, messages, plan.tools)
@@ -66,6 +75,8 @@ async def create_chat_completion(
     grammar = await compile_grammar(model, req, plan)
     if grammar is not None:
         params = dataclasses.replace(params, grammar=grammar)
+    if quota is not None:
+        quota.charge_tokens(len(prompt_ids) + params.max_tokens * params.n)
     source = generate(state.swarm, model, prompt_ids, params)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:

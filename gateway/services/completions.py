@@ -13,6 +13,7 @@ from gateway.generation.generator import GenerationParams, generate
 from gateway.generation.model import LoadedModel
 from gateway.generation.pump import Pump, started_pump
 from gateway.generation.tokenization import encode
+from gateway.limits import Quota
 from gateway.schemas.completions import CompletionChoice, CompletionRequest, CompletionResponse
 from gateway.services.outcome import collect, completion_logprobs, usage
 from gateway.services.params import build_params
@@ -21,16 +22,16 @@ from gateway.streaming import sse_events
 
 
 async def create_completion(
-    state: GatewayState, req: CompletionRequest
+    state: GatewayState, req: CompletionRequest, quota: Quota | None = None
 ) -> CompletionResponse | AsyncIterator[bytes]:
-    """A finished response, or (``req.stream``) SSE bytes whose first token is already computed."""
+    """A finished response, or (``req.stream``) SSE bytes whose first token is already computed.
+
+    ``quota``: the caller's tokens per minute, charged once the request is known to be valid."""
     model = state.model(req.model)
     if req.suffix:
         raise InvalidRequestError("suffix is not supported", param="suffix", code="unsupported_value")
     if req.echo and req.logprobs is not None:
-        raise InvalidRequestError(
-            "echo with logprobs is not supported", param="echo", code="unsupported_value"
-        )
+        raise InvalidRequestError("echo with logprobs is not supported", param="echo", code="unsupported_value")
     prompt_ids = await asyncio.to_thread(_prompt_ids, model, req.prompt)
     params = build_params(
         state.settings,
@@ -41,6 +42,8 @@ async def create_completion(
         logprobs=req.logprobs,
         prompt_param="prompt",
     )
+    if quota is not None:
+        quota.charge_tokens(len(prompt_ids) + params.max_tokens * params.n)
     echo = model.tokenizer.decode(prompt_ids) if req.echo else ""
     source = generate(state.swarm, model, prompt_ids, params)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -48,9 +51,7 @@ async def create_completion(
         pump = await started_pump(source)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         head = _Head(req.model, completion_id, created)
-        return sse_events(
-            _chunks(pump, model, params, head, echo, len(prompt_ids), include_usage), pump.aclose
-        )
+        return sse_events(_chunks(pump, model, params, head, echo, len(prompt_ids), include_usage), pump.aclose)
     results = await collect(source, params.n)
     choices = [
         CompletionChoice(

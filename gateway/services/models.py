@@ -45,9 +45,7 @@ async def list_models(state: GatewayState) -> ModelList:
 async def get_model(state: GatewayState, name: str) -> ModelCard:
     model = state.model(name)
     if not (await _coverage(state, model.model_id)).complete:
-        raise ModelNotFoundError(
-            f"The model {name!r} is not fully served by the swarm right now.", param="model"
-        )
+        raise ModelNotFoundError(f"The model {name!r} is not fully served by the swarm right now.", param="model")
     return ModelCard(id=model.model_id, created=state.started_at)
 
 

@@ -24,6 +24,12 @@ def build_params(
     prompt_param: str,
 ) -> GenerationParams:
     """Validate what pydantic cannot (limits that depend on settings and the model) and build the params."""
+    if settings.max_prompt_tokens and prompt_len > settings.max_prompt_tokens:
+        raise InvalidRequestError(
+            f"the prompt has {prompt_len} tokens; this gateway allows at most {settings.max_prompt_tokens}",
+            param=prompt_param,
+            code="prompt_too_long",
+        )
     if req.n > settings.max_n:
         raise InvalidRequestError(f"n must be at most {settings.max_n}", param="n", code="invalid_value")
     return GenerationParams(
@@ -70,9 +76,7 @@ def _max_tokens(
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP_STRINGS:
-        raise InvalidRequestError(
-            f"at most {MAX_STOP_STRINGS} stop strings", param="stop", code="invalid_value"
-        )
+        raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings", param="stop", code="invalid_value")
     if any(not s for s in stops):
         raise InvalidRequestError("stop strings must not be empty", param="stop", code="invalid_value")
     return tuple(stops)

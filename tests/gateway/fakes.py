@@ -83,14 +83,10 @@ class FakeSwarm:
         return ModelCoverage(model_id=model_id, num_blocks=NUM_BLOCKS, missing=list(self.missing))
 
     @asynccontextmanager
-    async def inference_session(
-        self, model_id: str, *, max_length: int, batch_size: int
-    ) -> AsyncIterator[FakeSession]:
+    async def inference_session(self, model_id: str, *, max_length: int, batch_size: int) -> AsyncIterator[FakeSession]:
         if self.open_error is not None:
             raise self.open_error
-        session = FakeSession(
-            batch_size, max_length, self.mixer, self.fail_at_step, self.step_error, self.step_delay_s
-        )
+        session = FakeSession(batch_size, max_length, self.mixer, self.fail_at_step, self.step_error, self.step_delay_s)
         self.sessions.append(session)
         try:
             yield session

@@ -118,9 +118,7 @@ async def test_logprobs_shape(client):
         assert abs(entry["top_logprobs"][0]["logprob"] - entry["logprob"]) < 1e-5
     r = await chat(client, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2, stream=True)
     events = parse_sse(r.text)
-    entries = [
-        x for e in events[:-1] for c in e["choices"] if c.get("logprobs") for x in c["logprobs"]["content"]
-    ]
+    entries = [x for e in events[:-1] for c in e["choices"] if c.get("logprobs") for x in c["logprobs"]["content"]]
     assert [e["token"] for e in entries] == [e["token"] for e in content[:3]]
 
 

@@ -14,9 +14,7 @@ async def sdk(make_client, settings):
     settings = settings.model_copy(update={"api_keys": ["sk-test"]})
     async with make_client(settings) as client:
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=client.app))
-        yield openai.AsyncOpenAI(
-            base_url="http://gateway/v1", api_key="sk-test", max_retries=0, http_client=http
-        )
+        yield openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="sk-test", max_retries=0, http_client=http)
         await http.aclose()
 
 
@@ -39,9 +37,7 @@ async def test_sdk_chat_stream_and_plain(sdk):
 
 
 async def test_sdk_completions_and_models(sdk):
-    done = await sdk.completions.create(
-        model=MODEL_ID, prompt="Once upon a time", max_tokens=5, temperature=0
-    )
+    done = await sdk.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=5, temperature=0)
     assert done.choices[0].finish_reason == "length" and done.object == "text_completion"
     echoed = await sdk.completions.create(
         model=MODEL_ID, prompt="Once upon a time", max_tokens=5, temperature=0, echo=True

@@ -9,9 +9,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_openapi_file_is_up_to_date():
-    spec = importlib.util.spec_from_file_location(
-        "export_openapi", REPO_ROOT / "scripts" / "export_openapi.py"
-    )
+    spec = importlib.util.spec_from_file_location("export_openapi", REPO_ROOT / "scripts" / "export_openapi.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     expected = module.render()
