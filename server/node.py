@@ -188,19 +188,27 @@ class BlockServer:
 
     async def rebalance_forever(self) -> None:
         """Every period (with jitter, so servers that started together do not move together), move to a span
-        where the swarm is weaker when that lifts the swarm's bottleneck by more than the margin."""
-        num_blocks = self.resolved.spec.num_hidden_layers
+        where the swarm is weaker when that lifts the swarm's bottleneck by more than the margin. A decision is
+        confirmed after a random pause on a fresh view of the swarm, so two servers rarely make the same move."""
+        period = self.settings.rebalance_period_s
         while True:
-            await asyncio.sleep(self.settings.rebalance_period_s * random.uniform(0.5, 1.5))
-            try:
-                coverage = await fetch_coverage(self.dht, self.resolved.model_id, num_blocks, self.secret)
-            except Exception as e:  # the DHT may hiccup; try again next period
-                logger.warning("rebalancing: could not read the swarm's coverage: %s", e)
+            await asyncio.sleep(period * random.uniform(0.5, 1.5))
+            target = await self._plan()
+            if target is None:
                 continue
-            current = (self.hosting.start, self.hosting.end)
-            target = plan_move(coverage, self.peer_id, current, self.hosting.throughput, self.settings.rebalance_margin)
-            if target is not None:
+            await asyncio.sleep(period * random.uniform(0.0, 1.0))
+            if await self._plan() == target:
                 await self.move(*target)
+
+    async def _plan(self) -> tuple[int, int] | None:
+        try:
+            num_blocks = self.resolved.spec.num_hidden_layers
+            coverage = await fetch_coverage(self.dht, self.resolved.model_id, num_blocks, self.secret)
+        except Exception as e:  # the DHT may hiccup; try again next period
+            logger.warning("rebalancing: could not read the swarm's coverage: %s", e)
+            return None
+        current = (self.hosting.start, self.hosting.end)
+        return plan_move(coverage, self.peer_id, current, self.hosting.throughput, self.settings.rebalance_margin)
 
     async def move(self, start: int, end: int) -> None:
         old = self.hosting
