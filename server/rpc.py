@@ -22,7 +22,7 @@ from server.validation import check_hidden, check_span, decode_tensors
 from swarm.auth import SwarmSecret
 from swarm.errors import BadRequestError, ErrorPayload, ServerLeavingError, SessionError, SwarmError
 from swarm.messages import ForwardRequest, InferenceStep, OpenSession, RpcResult, ServerInfoResult, StepResult
-from swarm.tensors import encode
+from swarm.tensors import Compression, encode
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class BlockHandler:
         peer = str(context.remote_id)
         session: Session | None = None
         registry = self.sessions  # the server may move to other blocks meanwhile; close where we opened
+        compression: Compression = "none"
         try:
             while True:
                 try:
@@ -96,7 +97,8 @@ class BlockHandler:
                     step = InferenceStep.decode(request.metadata)
                     if session is None:
                         session = await self._open(step.open, peer)
-                    response = await self._step(session, step, request)
+                        compression = step.open.compression if step.open else compression
+                    response = await self._step(session, step, request, compression)
                 except SwarmError as e:
                     logger.info("inference from %s refused: %s", peer[-8:], e)
                     self.metrics.observe_error(e.code)
@@ -146,7 +148,9 @@ class BlockHandler:
             open_msg.session_id, peer, open_msg.start, open_msg.end, open_msg.batch_size, open_msg.max_length
         )
 
-    async def _step(self, session: Session, step: InferenceStep, request) -> runtime_pb2.ExpertResponse:
+    async def _step(
+        self, session: Session, step: InferenceStep, request, compression: Compression
+    ) -> runtime_pb2.ExpertResponse:
         (hidden,) = decode_tensors(request.tensors, 1)
         check_hidden(hidden, self.state.hidden_size, self.settings.max_step_tokens, session.batch_size)
         if step.position > session.length:
@@ -160,7 +164,7 @@ class BlockHandler:
         out = await self.backend.inference_step(session, hidden, step.position)
         self.metrics.observe_step("inference", hidden.shape[0], hidden.shape[1], time.perf_counter() - began)
         result = StepResult(step_id=step.step_id, position=session.length)
-        return runtime_pb2.ExpertResponse(tensors=[encode(out)], metadata=result.encode())
+        return runtime_pb2.ExpertResponse(tensors=[encode(out, compression)], metadata=result.encode())
 
     # --- stateless ---------------------------------------------------------------------------------------------
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -185,7 +189,7 @@ class BlockHandler:
                 out = await self.backend.backward(tensors[0], tensors[1], meta.start, meta.end)
             kind = "forward" if expected_tensors == 1 else "backward"
             self.metrics.observe_step(kind, tensors[0].shape[0], tensors[0].shape[1], time.perf_counter() - began)
-            return runtime_pb2.ExpertResponse(tensors=[encode(out)], metadata=RpcResult().encode())
+            return runtime_pb2.ExpertResponse(tensors=[encode(out, meta.compression)], metadata=RpcResult().encode())
         except SwarmError as e:
             logger.info("request from %s refused: %s", str(context.remote_id)[-8:], e)
             self.metrics.observe_error(e.code)

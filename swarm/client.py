@@ -29,6 +29,7 @@ from swarm.records import ModelCoverage
 from swarm.routing import Hop, choose_route, missing_blocks
 from swarm.session import InferenceSession
 from swarm.span_call import call_forward
+from swarm.tensors import Compression
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class ClientConfig:
     ban_s: float = 15.0
     """How long a failed server is avoided; doubles on each repeated failure."""
     route_jitter: float = 0.1
+    compression: Compression = "none"
+    """Activations on the wire: "none" or "float16" (half the bytes; greedy output unchanged on SmolLM2)."""
     swarm_secret: str | None = field(default=None, repr=False)
     """A private swarm's shared secret: requests carry a proof of it, and servers whose DHT records are not
     signed with it are never used. None: a public swarm."""
@@ -83,6 +86,9 @@ class SwarmClient:
         self.dht = dht
         self.p2p = p2p
         self.bans = BanList(config.ban_s)
+        self.wire_bytes_sent = 0
+        self.wire_bytes_received = 0
+        """Inference-stream message bytes this client has sent and received (to measure compression)."""
         self.latencies = LatencyTracker(self)
         self._owns_dht = owns_dht
         self._coverage: dict[str, tuple[float, ModelCoverage]] = {}

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from swarm import PROTOCOL_VERSION
 from swarm.auth import RpcProof
 from swarm.errors import BadRequestError, ErrorPayload, ProtocolMismatchError
+from swarm.tensors import Compression
 
 
 class _Message(BaseModel):
@@ -37,6 +38,8 @@ class SpanRequest(_Message):
     end: int = Field(gt=0)
     auth: RpcProof | None = None
     """Proof of the swarm secret (private swarms only; ``swarm.auth``)."""
+    compression: Compression = "none"
+    """How the server should compress the activations it sends back (clients compress theirs the same way)."""
 
     def check_version(self) -> None:
         if self.protocol_version != PROTOCOL_VERSION:

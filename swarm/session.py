@@ -178,6 +178,7 @@ class InferenceSession:
             session_id=self.session_id,
             max_length=self.max_length,
             batch_size=self.batch_size,
+            compression=self.client.config.compression,
         )
         return SpanStream(self.client, hop, open_msg)
 

@@ -40,19 +40,26 @@ _TRANSPORT_ERRORS = (
 
 
 async def call_forward(client: SwarmClient, model_id: str, hop: Hop, hidden: torch.Tensor) -> torch.Tensor:
-    meta = ForwardRequest(model_id=model_id, start=hop.start, end=hop.end, auth=prove(client, hop))
-    request = runtime_pb2.ExpertRequest(tensors=[encode(hidden)], metadata=meta.encode())
+    compression = client.config.compression
+    meta = ForwardRequest(
+        model_id=model_id, start=hop.start, end=hop.end, auth=prove(client, hop), compression=compression
+    )
+    request = runtime_pb2.ExpertRequest(tensors=[encode(hidden, compression)], metadata=meta.encode())
     response = await _unary(client, hop, "rpc_forward", request)
-    return decode(response.tensors[0])
+    return decode(response.tensors[0]).to(hidden.dtype)
 
 
 async def call_backward(
     client: SwarmClient, model_id: str, hop: Hop, hidden: torch.Tensor, grad_output: torch.Tensor
 ) -> torch.Tensor:
-    meta = ForwardRequest(model_id=model_id, start=hop.start, end=hop.end, auth=prove(client, hop))
-    request = runtime_pb2.ExpertRequest(tensors=[encode(hidden), encode(grad_output)], metadata=meta.encode())
+    compression = client.config.compression
+    meta = ForwardRequest(
+        model_id=model_id, start=hop.start, end=hop.end, auth=prove(client, hop), compression=compression
+    )
+    tensors = [encode(hidden, compression), encode(grad_output, compression)]
+    request = runtime_pb2.ExpertRequest(tensors=tensors, metadata=meta.encode())
     response = await _unary(client, hop, "rpc_backward", request)
-    return decode(response.tensors[0])
+    return decode(response.tensors[0]).to(hidden.dtype)
 
 
 def prove(client: SwarmClient, hop: Hop) -> RpcProof | None:
@@ -100,7 +107,11 @@ class SpanStream:
             open_msg = open_msg.model_copy(update={"auth": prove(self._client, self.hop)})
         meta = InferenceStep(open=open_msg, position=position, step_id=self._step_id)
         self._open_msg = None
-        await self._requests.put(runtime_pb2.ExpertRequest(tensors=[encode(hidden)], metadata=meta.encode()))
+        request = runtime_pb2.ExpertRequest(
+            tensors=[encode(hidden, self._client.config.compression)], metadata=meta.encode()
+        )
+        self._client.wire_bytes_sent += request.ByteSize()
+        await self._requests.put(request)
         timeout = self._step_timeout(hidden.shape[1])
         began = time.perf_counter()
         try:
@@ -110,6 +121,7 @@ class SpanStream:
                     stub.rpc_inference(self._iterate_requests()), self._client.config.connect_timeout_s
                 )
             response = await asyncio.wait_for(anext(self._responses), timeout)
+            self._client.wire_bytes_received += response.ByteSize()
         except (TimeoutError, StopAsyncIteration) as e:
             await self.close()
             what = "timed out" if isinstance(e, asyncio.TimeoutError) else "closed the stream"
@@ -129,7 +141,7 @@ class SpanStream:
         if hidden.shape[1] == 1:
             elapsed = time.perf_counter() - began
             self._decode_s = elapsed if self._decode_s is None else 0.8 * self._decode_s + 0.2 * elapsed
-        return decode(response.tensors[0])
+        return decode(response.tensors[0]).to(hidden.dtype)
 
     def _step_timeout(self, length: int) -> float:
         """A dead server often shows only as silence, so a decode step that takes far longer than this server's

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
@@ -11,9 +13,16 @@ from swarm.errors import BadRequestError
 
 WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+Compression = Literal["none", "float16"]
+"""How activations travel: as they are, or as 16-bit floats (half the bytes). hivemind 1.1.12's 8-bit codecs
+(UNIFORM_8BIT, QUANTILE_8BIT) fail to decode with numpy 2 ("only 0-dimensional arrays can be converted to Python
+scalars"), so they are not offered."""
 
-def encode(tensor: torch.Tensor, compression: int = CompressionType.NONE) -> runtime_pb2.Tensor:
-    return serialize_torch_tensor(tensor.detach(), compression)
+_CODECS: dict[str, int] = {"none": CompressionType.NONE, "float16": CompressionType.FLOAT16}
+
+
+def encode(tensor: torch.Tensor, compression: Compression = "none") -> runtime_pb2.Tensor:
+    return serialize_torch_tensor(tensor.detach().cpu(), _CODECS[compression])
 
 
 def decode(message: runtime_pb2.Tensor) -> torch.Tensor:

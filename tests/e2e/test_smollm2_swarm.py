@@ -155,3 +155,25 @@ async def test_step_past_session_position_is_refused(swarm):
         await _good_step(client)
     finally:
         await client.shutdown()
+
+
+def test_float16_activations_keep_greedy_tokens_and_halve_the_bytes(swarm, prompt_ids):
+    compression = "float16"
+    plain_config = ClientConfig(initial_peers=swarm.initial_peers)
+    packed_config = ClientConfig(initial_peers=swarm.initial_peers, compression=compression)
+    plain = AutoDistributedModelForCausalLM.from_pretrained(
+        MODEL, [], cache_dir=MODEL_CACHE, client_config=plain_config
+    )
+    packed = AutoDistributedModelForCausalLM.from_pretrained(
+        MODEL, [], cache_dir=MODEL_CACHE, client_config=packed_config
+    )
+    try:
+        expected = plain.generate(prompt_ids, max_new_tokens=16)
+        ours = packed.generate(prompt_ids, max_new_tokens=16)
+        assert ours.tolist() == expected.tolist()
+        ratio = packed.client.wire_bytes_sent / plain.client.wire_bytes_sent
+        received = packed.client.wire_bytes_received / plain.client.wire_bytes_received
+        assert ratio < 0.55 and received < 0.55, (ratio, received)
+    finally:
+        plain.shutdown()
+        packed.shutdown()

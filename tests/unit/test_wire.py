@@ -67,3 +67,10 @@ def test_corrupt_tensor_is_a_bad_request():
     broken = runtime_pb2.Tensor(buffer=message.buffer[:7], size=message.size, dtype=message.dtype)
     with pytest.raises(BadRequestError):
         decode(broken)
+
+
+def test_float16_wire_compression_halves_the_bytes():
+    x = torch.randn(2, 5, 64)
+    packed, plain = encode(x, "float16"), encode(x)
+    assert packed.ByteSize() < 0.55 * plain.ByteSize()
+    torch.testing.assert_close(decode(packed), x, atol=2e-3, rtol=1e-3)
