@@ -13,13 +13,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.e2e.harness import REPO
+from tests.e2e.harness import REPO, Child, LocalSwarm
 
 START_TIMEOUT_S = 180.0
 STOP_GRACE_S = 15.0
@@ -120,3 +121,28 @@ class GatewayProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+@contextmanager
+def running_gateway(
+    swarm: LocalSwarm,
+    workdir: Path,
+    cache_dir: Path,
+    models: Sequence[str],
+    *extra: str,
+    servers: Sequence[Child] = (),
+    failures: Callable[[], int] = lambda: 0,
+) -> Iterator[GatewayProcess]:
+    """A gateway on ``swarm``, started beside ``servers`` (spawned with wait=False) and ready once they are and
+    its models are fully served. Its log is printed if ``failures()`` grew meanwhile or it died; then stopped."""
+    gateway = GatewayProcess.start(workdir, swarm.initial_peers, cache_dir, models, *extra)
+    failures_before = failures()
+    try:
+        for server in servers:
+            swarm.wait_ready(server)
+        gateway.wait_ready()
+        yield gateway
+    finally:
+        if failures() > failures_before or not gateway.alive():
+            print(f"===== {gateway.name} =====\n{gateway.log()[-8000:]}")
+        gateway.stop()

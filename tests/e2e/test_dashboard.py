@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import MODEL_CACHE
-from tests.e2e.gateway_process import GatewayProcess
+from tests.e2e.gateway_process import GatewayProcess, running_gateway
 from tests.e2e.harness import REPO, Child, LocalSwarm
 from tests.helpers import make_tiny_model
 
@@ -98,18 +98,13 @@ def servers(local_swarm: LocalSwarm, tiny_model: Path) -> dict[str, Child]:
 
 @pytest.fixture(scope="module")
 def gateway(local_swarm: LocalSwarm, servers, tiny_model: Path, tmp_path_factory, request) -> Iterator[GatewayProcess]:
-    gw = GatewayProcess.start(
-        tmp_path_factory.mktemp("gateway"), local_swarm.initial_peers, MODEL_CACHE, [str(tiny_model)],
-        "--api-keys", "secret",  # monitoring stays open (open_monitoring defaults to true)
-    )  # fmt: skip
-    failures_before = request.session.testsfailed
-    try:
-        gw.wait_ready()
-        yield gw
-    finally:
-        if request.session.testsfailed > failures_before or not gw.alive():
-            print(f"===== {gw.name} =====\n{gw.log()[-8000:]}")
-        gw.stop()
+    workdir = tmp_path_factory.mktemp("gateway")
+    failures = lambda: request.session.testsfailed  # noqa: E731
+    # monitoring stays open with keys set (open_monitoring defaults to true)
+    with running_gateway(
+        local_swarm, workdir, MODEL_CACHE, [str(tiny_model)], "--api-keys", "secret", failures=failures
+    ) as gateway:
+        yield gateway
 
 
 def swarm_json(gateway: GatewayProcess) -> dict[str, Any]:

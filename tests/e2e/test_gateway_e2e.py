@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from swarm.weights import resolve_model
 from tests.e2e.conftest import MODEL_CACHE
-from tests.e2e.gateway_process import GatewayProcess
+from tests.e2e.gateway_process import GatewayProcess, running_gateway
 from tests.e2e.harness import Child, LocalSwarm
 from tests.helpers import reference_model
 
@@ -42,22 +42,14 @@ SESSION_CLOSE_S = 5.0
 
 @pytest.fixture(scope="module")
 def gateway(local_swarm: LocalSwarm, tmp_path_factory, request) -> Iterator[GatewayProcess]:
-    # Servers and gateway start side by side (the gateway needs only the bootstrap); the gateway is ready
-    # once its /health reports the model fully served.
+    # Servers and gateway start side by side (the gateway needs only the bootstrap).
     servers = [local_swarm.start_server(MODEL, span, wait=False) for span in ("0:15", "15:30")]
-    gw = GatewayProcess.start(
-        tmp_path_factory.mktemp("gateway"), local_swarm.initial_peers, MODEL_CACHE, [MODEL], "--api-keys", API_KEY
-    )
-    failures_before = request.session.testsfailed
-    try:
-        for server in servers:
-            local_swarm.wait_ready(server)
-        gw.wait_ready()
-        yield gw
-    finally:
-        if request.session.testsfailed > failures_before or not gw.alive():
-            print(f"===== {gw.name} =====\n{gw.log()[-8000:]}")
-        gw.stop()
+    workdir = tmp_path_factory.mktemp("gateway")
+    failures = lambda: request.session.testsfailed  # noqa: E731
+    with running_gateway(
+        local_swarm, workdir, MODEL_CACHE, [MODEL], "--api-keys", API_KEY, servers=servers, failures=failures
+    ) as gateway:
+        yield gateway
 
 
 @pytest.fixture(scope="module")

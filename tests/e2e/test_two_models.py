@@ -9,7 +9,7 @@ from openai import OpenAI
 from transformers import AutoTokenizer
 
 from tests.e2e.conftest import MODEL_CACHE
-from tests.e2e.gateway_process import GatewayProcess
+from tests.e2e.gateway_process import running_gateway
 from tests.helpers import make_tiny_model, reference_model
 
 KINDS = ("llama", "qwen2")
@@ -25,14 +25,8 @@ def folders(tmp_path_factory):
 def gateway(local_swarm, folders, tmp_path_factory):
     servers = [local_swarm.start_server(str(f), span, wait=False) for f in folders.values() for span in ("0:2", "2:4")]
     refs = [str(folder) for folder in folders.values()]
-    gw = GatewayProcess.start(tmp_path_factory.mktemp("gateway"), local_swarm.initial_peers, MODEL_CACHE, refs)
-    try:
-        for server in servers:
-            local_swarm.wait_ready(server)
-        gw.wait_ready()
+    with running_gateway(local_swarm, tmp_path_factory.mktemp("gateway"), MODEL_CACHE, refs, servers=servers) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 def test_both_models_are_listed_and_answer_like_local(gateway, folders):
