@@ -16,11 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from swarm.runtime import prefer_passive_openmp  # noqa: E402
+
+prefer_passive_openmp()  # the same OpenMP policy as the servers, so the local baseline is not handicapped
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from swarm.model import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.weights import resolve_model  # noqa: E402
