@@ -41,9 +41,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
 
 
 def chat_logprobs(model: LoadedModel, tokens: list[TokenInfo]) -> list[TokenLogprob]:
-    """Chat format: one entry per token with its text, bytes and alternatives."""
+    """Chat format: one entry per token with its text, bytes and alternatives. End-of-sequence tokens are not
+    listed: they are not part of the content, so the entries' tokens spell exactly the text returned."""
     entries = []
     for info in tokens:
+        if info.token_id in model.eos_token_ids:
+            continue
         text, raw = model.token_text.get(info.token_id)
         top = []
         for token_id, logprob in info.top:

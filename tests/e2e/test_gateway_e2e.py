@@ -162,21 +162,23 @@ def test_seed_makes_sampling_reproducible(sdk):
 
 
 def test_logprobs_tokens_spell_the_content(sdk):
-    # 6 tokens end by length before the end-of-sequence token: the gateway reports that token's entry too
-    # (as "<|im_end|>", which the content leaves out), so an answer that stops on it would not spell its content.
-    answer = sdk.chat.completions.create(
+    cut = sdk.chat.completions.create(
         model=MODEL, messages=FRANCE, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3
     )
-    choice = answer.choices[0]
-    assert choice.finish_reason == "length"
-    entries = choice.logprobs.content
-    assert len(entries) == answer.usage.completion_tokens
-    assert "".join(e.token for e in entries) == choice.message.content
-    for entry in entries:
-        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
-        assert entry.top_logprobs[0].token == entry.token  # greedy picks the likeliest
-        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-5)
-        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+    full = sdk.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, logprobs=True, top_logprobs=3)
+    assert cut.choices[0].finish_reason == "length" and full.choices[0].finish_reason == "stop"
+    assert len(cut.choices[0].logprobs.content) == cut.usage.completion_tokens
+    # An answer that ends on the end-of-sequence token lists no entry for it: the entries spell the content.
+    assert len(full.choices[0].logprobs.content) == full.usage.completion_tokens - 1
+    for answer in (cut, full):
+        choice = answer.choices[0]
+        entries = choice.logprobs.content
+        assert "".join(e.token for e in entries) == choice.message.content
+        for entry in entries:
+            assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+            assert entry.top_logprobs[0].token == entry.token  # greedy picks the likeliest
+            assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-5)
+            assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
 
 
 def test_max_tokens_finishes_with_length(sdk):
