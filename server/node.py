@@ -223,9 +223,11 @@ class BlockServer:
         logger.info("rebalancing: now serving blocks %d:%d", start, end)
 
     async def leave(self) -> None:
-        """Graceful leave: announce offline first (routing stops choosing us), tell open sessions to fail over
-        once their step in flight is answered, let the compute queue drain, then go."""
-        logger.info("leaving: announcing offline, handing %d open session(s) back", len(self.hosting.sessions.sessions))
+        """Graceful leave: tell open sessions to continue elsewhere once their step in flight is answered (a
+        client that comes back is refused with a retryable error and routes around us), announce offline so
+        routing stops choosing us, let the compute queue drain, then go."""
+        logger.info("leaving: handing %d open session(s) back, announcing offline", len(self.hosting.sessions.sessions))
+        self.handler.leaving.set()
         await self.announcer.stop()
         try:
             await asyncio.wait_for(self.announcer.announce_now(ServerState.OFFLINE, expiration_s=30), 5)

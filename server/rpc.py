@@ -116,6 +116,8 @@ class BlockHandler:
 
     async def _next_request(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> runtime_pb2.ExpertRequest:
         """The next request; TimeoutError when idle too long, ServerLeavingError once the server is leaving."""
+        if self.leaving.is_set():
+            raise ServerLeavingError("this server is leaving the swarm; continue on another server")
         receive = asyncio.ensure_future(anext(requests))
         leaving = asyncio.ensure_future(self.leaving.wait())
         try:
@@ -124,11 +126,13 @@ class BlockHandler:
             )
         finally:
             leaving.cancel()
+        if self.leaving.is_set():
+            # Leaving wins over a waiting request: the client replays that step on another server.
+            receive.cancel()
+            raise ServerLeavingError("this server is leaving the swarm; continue on another server")
         if receive in done:
             return receive.result()
         receive.cancel()
-        if leaving in done:
-            raise ServerLeavingError("this server is leaving the swarm; continue on another server")
         raise TimeoutError
 
     async def _open(self, open_msg: OpenSession | None, peer: str) -> Session:

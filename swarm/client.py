@@ -24,7 +24,7 @@ from hivemind.p2p import P2P, PeerID
 from swarm.auth import SwarmSecret, swarm_secret
 from swarm.dht import fetch_coverage, fetch_models
 from swarm.errors import MissingBlocksError, ModelNotFoundError, PeerUnreachableError, SwarmError
-from swarm.latency import LatencyTracker
+from swarm.latency import LatencyTracker, ThroughputTracker
 from swarm.records import ModelCoverage
 from swarm.routing import Hop, choose_route, missing_blocks
 from swarm.session import InferenceSession
@@ -90,6 +90,7 @@ class SwarmClient:
         self.wire_bytes_received = 0
         """Inference-stream message bytes this client has sent and received (to measure compression)."""
         self.latencies = LatencyTracker(self)
+        self.throughputs = ThroughputTracker()
         self._owns_dht = owns_dht
         self._coverage: dict[str, tuple[float, ModelCoverage]] = {}
         self._refreshing: dict[str, asyncio.Task] = {}
@@ -157,6 +158,7 @@ class SwarmClient:
             try:
                 return choose_route(
                     coverage, start, end, banned=avoid, latencies=self.latencies.snapshot(),
+                    measured_throughputs=self.throughputs.snapshot(),
                     jitter=self.config.route_jitter,
                 )  # fmt: skip
             except MissingBlocksError:

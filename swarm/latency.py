@@ -1,4 +1,4 @@
-"""Round-trip times from this client to servers, measured with rpc_info and remembered for a while."""
+"""What this client measures of servers: round-trip times (rpc_info pings) and delivered decode throughput."""
 
 from __future__ import annotations
 
@@ -46,3 +46,19 @@ class LatencyTracker:
         except Exception:  # any failure to answer a ping means "avoid if possible"
             rtt = UNREACHABLE_S
         self._measured[peer_id] = (time.monotonic(), rtt)
+
+
+class ThroughputTracker:
+    """Blocks per second each server has actually delivered on this client's decode steps (moving average)."""
+
+    def __init__(self, smoothing: float = 0.2):
+        self._smoothing = smoothing
+        self._blocks_per_s: dict[str, float] = {}
+
+    def observe(self, peer_id: str, num_blocks: int, seconds: float) -> None:
+        rate = num_blocks / max(seconds, 1e-6)
+        old = self._blocks_per_s.get(peer_id)
+        self._blocks_per_s[peer_id] = rate if old is None else (1 - self._smoothing) * old + self._smoothing * rate
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self._blocks_per_s)

@@ -41,16 +41,21 @@ def choose_route(
     *,
     banned: Collection[str] = (),
     latencies: Mapping[str, float] | None = None,
+    measured_throughputs: Mapping[str, float] | None = None,
     jitter: float = 0.0,
     rng: random.Random | None = None,
 ) -> list[Hop]:
     """Cheapest chain covering [start, end): sum over hops of latency + blocks / throughput.
+
+    ``measured_throughputs`` (blocks/s this client observed per peer) caps what servers announce, so a server
+    that overstates its speed does not attract routes it cannot serve well.
 
     Dynamic programming over block boundaries; a server hosting [s, e) may serve any sub-span of it.
     ``jitter`` (0..1) randomises costs multiplicatively so concurrent sessions spread over redundant servers.
     """
     end = coverage.num_blocks if end is None else end
     latencies = latencies or {}
+    measured = measured_throughputs or {}
     rng = rng or random.Random()
     servers = [s for s in _usable(coverage.servers, banned) if s.start < end and s.end > start]
     # One noise factor per server (not per edge), so splitting one server's span into two hops never pays.
@@ -65,7 +70,9 @@ def choose_route(
             if not server.start <= pos < server.end:
                 continue
             hop_cost = latencies.get(server.peer_id, DEFAULT_HOP_LATENCY_S)
-            per_block = 1.0 / max(server.record.throughput, 1e-6)
+            # Trust an announcement only as far as this client has seen the server deliver.
+            throughput = min(server.record.throughput, measured.get(server.peer_id, float("inf")))
+            per_block = 1.0 / max(throughput, 1e-6)
             for stop in range(pos + 1, min(server.end, end) + 1):
                 cost = base_cost + (hop_cost + (stop - pos) * per_block) * noise[server.peer_id]
                 if stop not in best or cost < best[stop][0]:

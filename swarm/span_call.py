@@ -141,6 +141,7 @@ class SpanStream:
         if hidden.shape[1] == 1:
             elapsed = time.perf_counter() - began
             self._decode_s = elapsed if self._decode_s is None else 0.8 * self._decode_s + 0.2 * elapsed
+            self._client.throughputs.observe(self.hop.peer_id, self.hop.end - self.hop.start, elapsed)
         return decode(response.tensors[0]).to(hidden.dtype)
 
     def _step_timeout(self, length: int) -> float:

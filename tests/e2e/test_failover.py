@@ -4,6 +4,7 @@ the session reroutes the failed blocks, replays its past inputs, and the tokens 
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 import torch
@@ -62,6 +63,7 @@ def test_generation_survives_server_failure(swarm, folder, model, expected, sig)
         for i in range(NEW_TOKENS):
             if i == FAIL_AT:
                 victim.signal(sig)
+                time.sleep(0.5)  # a real generation keeps going at its own pace; the server meanwhile reacts
             logits = model.head.logits(session.step(model.head.embed(new)), last_only=True)[:, -1]
             new = logits.argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, new], dim=1)

@@ -82,3 +82,10 @@ def test_jitter_never_splits_one_server_into_two_hops():
     rng = random.Random(1)
     for _ in range(100):
         assert spans(choose_route(cov, jitter=0.5, rng=rng)) == [("a", 0, 15), ("b", 15, 30)]
+
+
+def test_measured_throughput_caps_what_a_server_announces():
+    cov = coverage(server("boaster", 0, 10, throughput=10_000), server("honest", 0, 10, throughput=500))
+    assert spans(choose_route(cov)) == [("boaster", 0, 10)]
+    measured = {"boaster": 50.0}  # this client saw it deliver 50 blocks/s, not 10,000
+    assert spans(choose_route(cov, measured_throughputs=measured)) == [("honest", 0, 10)]
