@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from gateway.app import create_app
 from gateway.generation.model import LoadedModel
 from gateway.settings import GatewaySettings
-from tests.gateway.fakes import CONTEXT, EOS, MODEL_ID, NUM_BLOCKS, VOCAB, FakeSwarm, TinyHead
+from tests.gateway.fakes import FakeSwarm, tiny_loaded_model
 
 
 @pytest.fixture(scope="session")
@@ -24,16 +24,7 @@ def tokenizer() -> PreTrainedTokenizerBase:
 
 @pytest.fixture
 def loaded_model(tokenizer: PreTrainedTokenizerBase) -> LoadedModel:
-    return LoadedModel(
-        ref="tiny",
-        model_id=MODEL_ID,
-        num_blocks=NUM_BLOCKS,
-        tokenizer=tokenizer,
-        head=TinyHead(),
-        context_length=CONTEXT,
-        vocab_size=VOCAB,
-        eos_token_ids=frozenset({EOS}),
-    )
+    return tiny_loaded_model(tokenizer)
 
 
 @pytest.fixture

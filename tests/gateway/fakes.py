@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gateway.generation.model import LoadedModel
 from swarm.errors import BadRequestError
 from swarm.records import ModelCoverage
 
@@ -106,3 +107,17 @@ def parse_sse(body: str) -> list[dict | str]:
                 data = line[len("data: ") :]
                 events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+def tiny_loaded_model(tokenizer, context_length: int = CONTEXT) -> LoadedModel:
+    """The gateway's view of the tiny model: the real SmolLM2 tokenizer and a tiny random head."""
+    return LoadedModel(
+        ref="tiny",
+        model_id=MODEL_ID,
+        num_blocks=NUM_BLOCKS,
+        tokenizer=tokenizer,
+        head=TinyHead(),
+        context_length=context_length,
+        vocab_size=VOCAB,
+        eos_token_ids=frozenset({EOS}),
+    )

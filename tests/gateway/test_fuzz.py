@@ -16,9 +16,8 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 from gateway.app import create_app
-from gateway.generation.model import LoadedModel
 from gateway.settings import GatewaySettings
-from tests.gateway.fakes import CONTEXT, EOS, MODEL_ID, NUM_BLOCKS, VOCAB, FakeSwarm, TinyHead
+from tests.gateway.fakes import FakeSwarm, tiny_loaded_model
 
 MAX_EXAMPLES = 30
 CALL_TIMEOUT_S = 20.0
@@ -32,10 +31,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def gateway_url(tokenizer) -> Iterator[str]:
-    model = LoadedModel(
-        ref="tiny", model_id=MODEL_ID, num_blocks=NUM_BLOCKS, tokenizer=tokenizer, head=TinyHead(),
-        context_length=CONTEXT, vocab_size=VOCAB, eos_token_ids=frozenset({EOS}),
-    )  # fmt: skip
+    model = tiny_loaded_model(tokenizer)
     swarm = FakeSwarm()
 
     async def swarm_factory(peers: list[str]) -> FakeSwarm:

@@ -15,7 +15,7 @@ from gateway.generation.tokenization import render_chat
 from gateway.generation.tool_format import ToolCallScanner, inline_tools, parse_tool_calls
 from gateway.schemas.chat import ChatMessage
 from gateway.services.chat import template_messages
-from tests.gateway.fakes import EOS, MODEL_ID, NUM_BLOCKS, VOCAB, TinyHead, parse_sse
+from tests.gateway.fakes import EOS, MODEL_ID, parse_sse, tiny_loaded_model
 
 MESSAGES = [{"role": "user", "content": "Describe a person as JSON."}]
 
@@ -65,16 +65,7 @@ TIME = {
 @pytest.fixture
 def loaded_model(tokenizer) -> LoadedModel:
     """The usual tiny model with room for a tools system prompt (about 220 tokens) plus a few calls."""
-    return LoadedModel(
-        ref="tiny",
-        model_id=MODEL_ID,
-        num_blocks=NUM_BLOCKS,
-        tokenizer=tokenizer,
-        head=TinyHead(),
-        context_length=1024,
-        vocab_size=VOCAB,
-        eos_token_ids=frozenset({EOS}),
-    )
+    return tiny_loaded_model(tokenizer, context_length=1024)
 
 
 async def chat(client, **fields):
