@@ -29,6 +29,8 @@ from transformers import AutoTokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_streams import timed_stream  # noqa: E402
+
 from swarm.client import ClientConfig, SwarmClient  # noqa: E402
 from swarm.head import ModelHead  # noqa: E402
 from swarm.weights import resolve_model  # noqa: E402
@@ -56,25 +58,11 @@ def _run(kind: str, began: float, first: float, last: float, tokens: int, text: 
 
 async def run_gateway(client: AsyncOpenAI, max_tokens: int, eos: int) -> Run:
     """One streamed greedy request; first/last = arrival of the first content chunk and of the finish chunk."""
-    began = time.perf_counter()
-    stream = await client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=max_tokens, logit_bias={str(eos): -100},
-        stream=True, stream_options={"include_usage": True},
+    timed = await timed_stream(
+        client, max_tokens, model=MODEL, messages=MESSAGES, temperature=0, max_tokens=max_tokens,
+        logit_bias={str(eos): -100},
     )  # fmt: skip
-    first = last = None
-    parts: list[str] = []
-    tokens = 0
-    async for chunk in stream:
-        now = time.perf_counter()
-        if chunk.choices and chunk.choices[0].delta.content:
-            first = first or now
-            parts.append(chunk.choices[0].delta.content)
-        if chunk.choices and chunk.choices[0].finish_reason:
-            last = now
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    assert first is not None and last is not None and tokens == max_tokens, (first, last, tokens)
-    return _run("gateway", began, first, last, tokens, "".join(parts))
+    return _run("gateway", timed.began, timed.first, timed.last, timed.tokens, timed.text)
 
 
 async def run_direct(

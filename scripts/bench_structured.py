@@ -35,6 +35,8 @@ from transformers import AutoTokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_streams import timed_stream  # noqa: E402
+
 from gateway.generation.constraint import (  # noqa: E402
     Grammar,
     TokenConstraint,
@@ -75,25 +77,11 @@ class Run:
 async def run_once(client: AsyncOpenAI, kind: str, max_tokens: int, eos: int) -> Run:
     """One streamed greedy request; decode rate from the first content chunk to the finish chunk."""
     extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "animals", "schema": SCHEMA}}}
-    began = time.perf_counter()
-    stream = await client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=max_tokens, logit_bias={str(eos): -100},
-        stream=True, stream_options={"include_usage": True}, **(extra if kind == "json_schema" else {}),
+    timed = await timed_stream(
+        client, max_tokens, model=MODEL, messages=MESSAGES, temperature=0, max_tokens=max_tokens,
+        logit_bias={str(eos): -100}, **(extra if kind == "json_schema" else {}),
     )  # fmt: skip
-    first = last = None
-    parts: list[str] = []
-    tokens = 0
-    async for chunk in stream:
-        now = time.perf_counter()
-        if chunk.choices and chunk.choices[0].delta.content:
-            first = first or now
-            parts.append(chunk.choices[0].delta.content)
-        if chunk.choices and chunk.choices[0].finish_reason:
-            last = now
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    assert first is not None and last is not None and tokens == max_tokens, (first, last, tokens)
-    return Run(kind, first - began, (tokens - 1) / max(last - first, 1e-9), tokens, "".join(parts))
+    return Run(kind, timed.ttft_s, timed.decode_tok_s, timed.tokens, timed.text)
 
 
 async def generator_rates(args: argparse.Namespace, tokenizer) -> dict[str, list[float]]:
