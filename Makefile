@@ -33,8 +33,7 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not swarm"
 
 check: $(STAMP)
-	$(BIN)/ruff check swarm server gateway tests scripts
-	$(BIN)/ruff format --check swarm server gateway tests scripts
+	scripts/check
 
 openapi: $(STAMP)
 	$(BIN)/python scripts/export_openapi.py
