@@ -19,7 +19,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ from transformers import AutoTokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_streams import CACHE, MODEL, smollm2_behind_gateway  # noqa: E402
+
 from swarm.client import ClientConfig, SwarmClient  # noqa: E402
 from swarm.messages import ServerInfoResult  # noqa: E402
 from swarm.service import BlockService  # noqa: E402
@@ -38,8 +39,6 @@ from swarm.weights import resolve_model  # noqa: E402
 from tests.e2e.gateway_process import GatewayProcess  # noqa: E402
 from tests.e2e.harness import LocalSwarm  # noqa: E402
 
-MODEL = "smollm2-135m-instruct"
-CACHE = REPO / ".cache" / "models"
 OUT_JSON = REPO / "artifacts" / "bench_concurrency.json"
 OUT_PNG = REPO / "artifacts" / "bench_concurrency.png"
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
@@ -192,27 +191,9 @@ def main() -> None:
     if args.head_threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(args.head_threads)  # the gateway inherits it; servers set --num-threads
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-concurrency-"))
-    swarm = LocalSwarm(workdir, CACHE)
-    gateway = None
-    try:
-        swarm.start_bootstrap()
-        flags = ["--num-threads", str(args.server_threads), *args.server_flags.split()]
-        servers = [swarm.start_server(MODEL, span, *flags, wait=False) for span in ("0:15", "15:30")]
-        gateway = GatewayProcess.start(workdir, swarm.initial_peers, CACHE, [MODEL])
-        for server in servers:
-            swarm.wait_ready(server)
-        gateway.wait_ready()
+    flags = ["--num-threads", str(args.server_threads), *args.server_flags.split()]
+    with smollm2_behind_gateway("bench-concurrency-", flags) as (swarm, gateway, servers):
         result = asyncio.run(bench(args, swarm, gateway, [s.peer_id for s in servers]))
-    except BaseException:
-        print(swarm.dump_logs())
-        if gateway is not None:
-            print(f"===== gateway =====\n{gateway.log()[-3000:]}")
-        raise
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        swarm.stop()
 
     OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
     OUT_JSON.write_text(json.dumps(result, indent=2))

@@ -17,7 +17,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from transformers import AutoTokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_streams import timed_stream  # noqa: E402
+from bench_streams import CACHE, MODEL, smollm2_behind_gateway, timed_stream  # noqa: E402
 
 from swarm.client import ClientConfig, SwarmClient  # noqa: E402
 from swarm.head import ModelHead  # noqa: E402
@@ -37,8 +36,6 @@ from swarm.weights import resolve_model  # noqa: E402
 from tests.e2e.gateway_process import GatewayProcess  # noqa: E402
 from tests.e2e.harness import LocalSwarm  # noqa: E402
 
-MODEL = "smollm2-135m-instruct"
-CACHE = REPO / ".cache" / "models"
 OUT = REPO / "artifacts" / "bench_gateway.json"
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
 
@@ -162,27 +159,9 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.head_threads)  # children inherit it; servers still set --num-threads
         torch.set_num_threads(args.head_threads)
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
-    swarm = LocalSwarm(workdir, CACHE)
-    gateway = None
-    try:
-        swarm.start_bootstrap()
-        threads = ["--num-threads", str(args.server_threads)]
-        servers = [swarm.start_server(MODEL, span, *threads, wait=False) for span in ("0:15", "15:30")]
-        gateway = GatewayProcess.start(workdir, swarm.initial_peers, CACHE, [MODEL])
-        for server in servers:
-            swarm.wait_ready(server)
-        gateway.wait_ready()
+    flags = ["--num-threads", str(args.server_threads)]
+    with smollm2_behind_gateway("bench-gateway-", flags) as (swarm, gateway, _):
         result = asyncio.run(bench(args, swarm, gateway))
-    except BaseException:
-        print(swarm.dump_logs())
-        if gateway is not None:
-            print(f"===== gateway =====\n{gateway.log()[-3000:]}")
-        raise
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        swarm.stop()
 
     m, ratio = result["medians"], result["ratio_gateway_over_direct"]
     print(

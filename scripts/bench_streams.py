@@ -1,11 +1,21 @@
-"""Shared by the gateway benchmarks: one streamed request through the OpenAI SDK, timed chunk by chunk."""
+"""Shared by the gateway benchmarks: SmolLM2 on a loopback swarm behind the real gateway, and timed streams."""
 
 from __future__ import annotations
 
+import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from openai import AsyncOpenAI
+
+from tests.e2e.gateway_process import GatewayProcess, running_gateway
+from tests.e2e.harness import REPO, Child, LocalSwarm
+
+MODEL = "smollm2-135m-instruct"
+CACHE = REPO / ".cache" / "models"
 
 
 @dataclass
@@ -45,3 +55,23 @@ async def timed_stream(client: AsyncOpenAI, expect_tokens: int, **request) -> Ti
             tokens = chunk.usage.completion_tokens
     assert first is not None and last is not None and tokens == expect_tokens, (first, last, tokens)
     return TimedStream(began, first, last, tokens, "".join(parts))
+
+
+@contextmanager
+def smollm2_behind_gateway(
+    prefix: str, server_flags: Sequence[str] = ()
+) -> Iterator[tuple[LocalSwarm, GatewayProcess, list[Child]]]:
+    """A bootstrap, two servers (0:15 and 15:30, with ``server_flags``) and the gateway; every log is printed if
+    the benchmark fails; all of it is stopped on the way out."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    swarm = LocalSwarm(workdir, CACHE)
+    try:
+        swarm.start_bootstrap()
+        servers = [swarm.start_server(MODEL, span, *server_flags, wait=False) for span in ("0:15", "15:30")]
+        with running_gateway(swarm, workdir, CACHE, [MODEL], servers=servers) as gateway:
+            yield swarm, gateway, servers
+    except BaseException:
+        print(swarm.dump_logs())
+        raise
+    finally:
+        swarm.stop()

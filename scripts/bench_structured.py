@@ -23,7 +23,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from transformers import AutoTokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_streams import timed_stream  # noqa: E402
+from bench_streams import CACHE, MODEL, smollm2_behind_gateway, timed_stream  # noqa: E402
 
 from gateway.generation.constraint import (  # noqa: E402
     Grammar,
@@ -50,11 +49,8 @@ from swarm.head import ModelHead  # noqa: E402
 from swarm.sampling import SamplingParams  # noqa: E402
 from swarm.weights import resolve_model  # noqa: E402
 from tests.e2e.gateway_process import GatewayProcess  # noqa: E402
-from tests.e2e.harness import LocalSwarm  # noqa: E402
 from tests.gateway.fakes import FakeSwarm  # noqa: E402
 
-MODEL = "smollm2-135m-instruct"
-CACHE = REPO / ".cache" / "models"
 OUT = REPO / "artifacts" / "bench_structured.json"
 MESSAGES = [{"role": "user", "content": 'List many animals as JSON: {"animals": [...]}.'}]
 SCHEMA = {
@@ -193,27 +189,9 @@ def main() -> None:
     parser.add_argument("--fake-step-ms", type=float, default=50.0, help="step latency of the generator-only run")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-structured-"))
-    swarm = LocalSwarm(workdir, CACHE)
-    gateway = None
-    try:
-        swarm.start_bootstrap()
-        threads = ["--num-threads", str(args.server_threads)]
-        servers = [swarm.start_server(MODEL, span, *threads, wait=False) for span in ("0:15", "15:30")]
-        gateway = GatewayProcess.start(workdir, swarm.initial_peers, CACHE, [MODEL])
-        for server in servers:
-            swarm.wait_ready(server)
-        gateway.wait_ready()
+    flags = ["--num-threads", str(args.server_threads)]
+    with smollm2_behind_gateway("bench-structured-", flags) as (_, gateway, _):
         result = asyncio.run(bench(args, gateway))
-    except BaseException:
-        print(swarm.dump_logs())
-        if gateway is not None:
-            print(gateway.log()[-4000:])
-        raise
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        swarm.stop()
     med, ratio = result["medians"], result["ratio_json_schema_over_free"]
     print(
         f"median decode: free {med['free']['decode_tok_s']:.2f} tok/s, json_schema "
