@@ -4,7 +4,7 @@
     await client.model_coverage(model_id)            -> ModelCoverage (is it fully served? which blocks miss?)
     async with client.inference_session(model_id, max_length=L, batch_size=B) as session:
         out = await session.step(hidden)             # hidden: [B, S, D] embeddings -> [B, S, D] after last block
-    out = await client.forward(model_id, hidden)     # stateless forward over all blocks
+    out = await client.forward(model_id, hidden)     # stateless forward over all blocks, with failover
     await client.shutdown()
 
 All coroutines must run on the loop that created the client (hivemind's P2P replica is bound to it).
@@ -23,12 +23,12 @@ from hivemind.p2p import P2P, PeerID
 
 from swarm.auth import SwarmSecret, swarm_secret
 from swarm.dht import fetch_coverage, fetch_models
-from swarm.errors import MissingBlocksError, ModelNotFoundError, PeerUnreachableError, SwarmError
+from swarm.errors import MissingBlocksError, ModelNotFoundError, PeerUnreachableError
 from swarm.latency import LatencyTracker, ThroughputTracker
 from swarm.records import ModelCoverage
+from swarm.remote_autograd import RemoteBlocks
 from swarm.routing import Hop, choose_route, missing_blocks
 from swarm.session import InferenceSession
-from swarm.span_call import call_forward
 from swarm.tensors import Compression
 
 logger = logging.getLogger(__name__)
@@ -174,33 +174,11 @@ class SwarmClient:
         return PeerID.from_base58(peer_id)
 
     async def forward(self, model_id: str, hidden: torch.Tensor) -> torch.Tensor:
-        """Stateless forward of ``hidden`` [B, S, D] through every block, failing over per span."""
+        """Stateless forward of ``hidden`` [B, S, D] through every block, failing over per span (the same
+        hop-by-hop failover that training through the swarm uses)."""
         coverage = await self.model_coverage(model_id)
-        return await self.forward_span(model_id, hidden, 0, coverage.num_blocks)
-
-    async def forward_span(self, model_id: str, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        position = start
-        attempts = 0
-        while position < end:
-            route = await self.route(model_id, position, end)
-            for hop in route:
-                try:
-                    hidden = await call_forward(self, model_id, hop, hidden)
-                except SwarmError as e:
-                    attempts += 1
-                    if not e.retryable or attempts > self.config.max_retries:
-                        raise
-                    logger.warning(
-                        "forward on peer %s blocks %d:%d failed (%s); rerouting",
-                        hop.peer_id,
-                        hop.start,
-                        hop.end,
-                        e,
-                    )
-                    self.bans.ban(hop.peer_id)
-                    break
-                position = hop.end
-        return hidden
+        out, _ = await RemoteBlocks(self, model_id, 0, coverage.num_blocks).forward_traced(hidden)
+        return out
 
     async def shutdown(self) -> None:
         for task in list(self._refreshing.values()):

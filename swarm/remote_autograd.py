@@ -82,7 +82,7 @@ class RemoteBlocks:
         model_id: str,
         start: int,
         end: int,
-        run: Runner,
+        run: Runner | None = None,
         *,
         forward_call: ForwardCall = call_forward,
         backward_call: BackwardCall = call_backward,
@@ -92,11 +92,15 @@ class RemoteBlocks:
         self.start = start
         self.end = end
         self.run = run
+        """Runs a coroutine to completion from synchronous code (autograd calls us there); needed for ``__call__``
+        only, not for the async ``forward_traced`` / ``backward_traced``."""
         self._forward_call = forward_call
         self._backward_call = backward_call
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, S, D] -> [B, S, D] after the last block; differentiable with respect to ``hidden``."""
+        if self.run is None:
+            raise TypeError("RemoteBlocks needs a `run` function to be called synchronously")
         return _RemoteBlocksFunction.apply(hidden, self)
 
     # --- async halves, run on the client's loop ----------------------------------------------------------------
