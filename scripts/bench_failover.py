@@ -27,9 +27,9 @@ sys.path.insert(0, str(REPO))
 from swarm.client import ClientConfig  # noqa: E402
 from swarm.model import AutoDistributedModelForCausalLM  # noqa: E402
 from tests.e2e.harness import LocalSwarm  # noqa: E402
+from tests.helpers import MODEL_CACHE as CACHE  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
-CACHE = REPO / ".cache" / "models"
 
 
 def one_round(swarm: LocalSwarm, model, input_ids: torch.Tensor, args) -> dict:

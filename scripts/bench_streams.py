@@ -12,10 +12,10 @@ from pathlib import Path
 from openai import AsyncOpenAI
 
 from tests.e2e.gateway_process import GatewayProcess, running_gateway
-from tests.e2e.harness import REPO, Child, LocalSwarm
+from tests.e2e.harness import Child, LocalSwarm
+from tests.helpers import MODEL_CACHE as CACHE
 
 MODEL = "smollm2-135m-instruct"
-CACHE = REPO / ".cache" / "models"
 
 
 @dataclass

@@ -29,9 +29,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from swarm.model import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.weights import resolve_model  # noqa: E402
 from tests.e2e.harness import LocalSwarm  # noqa: E402
+from tests.helpers import MODEL_CACHE as CACHE  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
-CACHE = REPO / ".cache" / "models"
 
 
 def timed(fn) -> float:

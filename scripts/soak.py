@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO))
 
 from tests.e2e.gateway_process import GatewayProcess  # noqa: E402
 from tests.e2e.harness import LocalSwarm  # noqa: E402
+from tests.helpers import MODEL_CACHE as CACHE  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
-CACHE = REPO / ".cache" / "models"
 SPANS = ("0:15", "15:30", "0:30")
 PROMPTS = ["What is the capital of France?", "Name three fruits.", "Write a haiku about rain.", "Count to ten."]
 

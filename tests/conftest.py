@@ -13,9 +13,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from swarm.weights import BUILTIN_SMOLLM2, ResolvedModel, resolve_model  # noqa: E402
-from tests.helpers import make_tiny_model  # noqa: E402
-
-MODEL_CACHE_DIR = REPO_ROOT / ".cache" / "models"
+from tests.helpers import MODEL_CACHE, make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -39,4 +37,4 @@ def tiny_llama3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> ResolvedModel:
     """The built-in SmolLM2-135M-Instruct, converted once into ``<repo>/.cache/models`` and reused."""
-    return resolve_model(BUILTIN_SMOLLM2, MODEL_CACHE_DIR)
+    return resolve_model(BUILTIN_SMOLLM2, MODEL_CACHE)

@@ -30,6 +30,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+MODEL_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "models"
+"""Where tests, benchmarks and their servers keep converted models (gitignored), so each converts only once."""
+
 TinyKind = Literal[
     "llama", "qwen2", "llama3", "qwen3", "gemma2", "mixtral", "falcon", "falcon_mq", "falcon_seq", "bloom"
 ]

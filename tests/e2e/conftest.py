@@ -6,9 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.harness import REPO, LocalSwarm
-
-MODEL_CACHE = REPO / ".cache" / "models"
+from tests.e2e.harness import LocalSwarm
+from tests.helpers import MODEL_CACHE
 
 
 def pytest_collection_modifyitems(items):

@@ -21,10 +21,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import MODEL_CACHE
 from tests.e2e.gateway_process import GatewayProcess, running_gateway
 from tests.e2e.harness import REPO, Child, LocalSwarm
-from tests.helpers import make_tiny_model
+from tests.helpers import MODEL_CACHE, make_tiny_model
 
 ARTIFACTS = REPO / "artifacts"
 CHROMIUM_FLAGS = [

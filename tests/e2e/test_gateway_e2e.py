@@ -23,10 +23,9 @@ from openai import AsyncOpenAI, OpenAI
 from transformers import AutoTokenizer
 
 from swarm.weights import resolve_model
-from tests.e2e.conftest import MODEL_CACHE
 from tests.e2e.gateway_process import GatewayProcess, running_gateway
 from tests.e2e.harness import Child, LocalSwarm
-from tests.helpers import reference_model
+from tests.helpers import MODEL_CACHE, reference_model
 
 MODEL = "smollm2-135m-instruct"
 API_KEY = "secret"

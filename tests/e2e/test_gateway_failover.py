@@ -9,9 +9,8 @@ import time
 import pytest
 from openai import OpenAI
 
-from tests.e2e.conftest import MODEL_CACHE
 from tests.e2e.gateway_process import running_gateway
-from tests.helpers import make_tiny_model
+from tests.helpers import MODEL_CACHE, make_tiny_model
 
 MODEL_ID = "tiny-gw-failover"
 MESSAGES = [{"role": "user", "content": "Tell me everything"}]

@@ -13,9 +13,8 @@ from swarm.messages import ForwardRequest, InferenceStep, OpenSession, RpcResult
 from swarm.model import AutoDistributedModelForCausalLM
 from swarm.service import BlockService
 from swarm.tensors import encode
-from tests.e2e.conftest import MODEL_CACHE
 from tests.e2e.harness import stream_once
-from tests.helpers import reference_model
+from tests.helpers import MODEL_CACHE, reference_model
 
 MODEL = "smollm2-135m-instruct"
 

@@ -15,9 +15,9 @@ from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from openai import OpenAI
 
-from tests.e2e.conftest import MODEL_CACHE
 from tests.e2e.gateway_process import GatewayProcess, running_gateway
 from tests.e2e.harness import LocalSwarm
+from tests.helpers import MODEL_CACHE
 
 MODEL = "smollm2-135m-instruct"
 

@@ -8,9 +8,8 @@ import torch
 from openai import OpenAI
 from transformers import AutoTokenizer
 
-from tests.e2e.conftest import MODEL_CACHE
 from tests.e2e.gateway_process import running_gateway
-from tests.helpers import make_tiny_model, reference_model
+from tests.helpers import MODEL_CACHE, make_tiny_model, reference_model
 
 KINDS = ("llama", "qwen2")
 MESSAGES = [{"role": "user", "content": "Hi there"}]
