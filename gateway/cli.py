@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-dir", help="where converted models are kept")
     serve.add_argument("--embedded-servers", type=int, help="block servers of the embedded swarm (default 2)")
     serve.add_argument("--device", help="torch device of the local head (default cpu)")
+    serve.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the local head (default float32)"
+    )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="logging level")
     return parser
 

@@ -32,6 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from server.model.attention import avoid_cudnn_attention  # noqa: E402
 from swarm.client import ClientConfig, SwarmClient  # noqa: E402
 from swarm.head import ModelHead  # noqa: E402
 from swarm.probe import probe_servers  # noqa: E402
@@ -89,6 +90,7 @@ class LocalRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device):
         self.model = model
         self.device = device
+        avoid_cudnn_attention(device)  # the same attention kernels as the servers use
 
     def generate(self, ids: torch.Tensor, n: int) -> torch.Tensor:
         ids = ids.to(self.device)

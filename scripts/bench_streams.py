@@ -61,15 +61,33 @@ async def timed_stream(client: AsyncOpenAI, expect_tokens: int, **request) -> Ti
 def smollm2_behind_gateway(
     prefix: str, server_flags: Sequence[str] = ()
 ) -> Iterator[tuple[LocalSwarm, GatewayProcess, list[Child]]]:
-    """A bootstrap, two servers (0:15 and 15:30, with ``server_flags``) and the gateway; every log is printed if
-    the benchmark fails; all of it is stopped on the way out."""
+    """A bootstrap, two SmolLM2 servers (0:15 and 15:30, with ``server_flags``) and the gateway."""
+    with model_behind_gateway(prefix, MODEL, ("0:15", "15:30"), server_flags) as running:
+        yield running
+
+
+@contextmanager
+def model_behind_gateway(
+    prefix: str,
+    model: str,
+    spans: Sequence[str],
+    server_flags: Sequence[str] = (),
+    gateway_flags: Sequence[str] = (),
+    cache_dir: Path = CACHE,
+) -> Iterator[tuple[LocalSwarm, GatewayProcess, list[Child]]]:
+    """A bootstrap, one server per span of ``model`` (with ``server_flags``) and the gateway (``gateway_flags``);
+    every log is printed if the benchmark fails; all of it is stopped on the way out."""
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
-    swarm = LocalSwarm(workdir, CACHE)
+    swarm = LocalSwarm(workdir, cache_dir)
     try:
         swarm.start_bootstrap()
-        servers = [swarm.start_server(MODEL, span, *server_flags, wait=False) for span in ("0:15", "15:30")]
-        with running_gateway(swarm, workdir, CACHE, [MODEL], servers=servers) as gateway:
-            yield swarm, gateway, servers
+        servers = [swarm.start_server(model, span, *server_flags, wait=False) for span in spans]
+        with running_gateway(swarm, workdir, cache_dir, [model], *gateway_flags, servers=servers) as gateway:
+            try:
+                yield swarm, gateway, servers
+            except BaseException:
+                print(f"===== {gateway.name} =====\n{gateway.log()[-8000:]}")
+                raise
     except BaseException:
         print(swarm.dump_logs())
         raise

@@ -20,6 +20,7 @@ from server.backend import SpanBackend
 from server.batching import BatchLimits
 from server.metrics import ServerMetrics
 from server.model import BlockSpan
+from server.model.attention import avoid_cudnn_attention
 from server.placement import choose_span
 from server.rebalance import plan_move
 from server.rpc import BlockHandler, ServingState
@@ -241,6 +242,7 @@ class BlockServer:
 async def serve(settings: ServerSettings) -> None:
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
+    avoid_cudnn_attention(torch.device(settings.device))
     resolved = await asyncio.to_thread(resolve_model, settings.model, settings.cache_dir, settings.model_id)
     if not settings.initial_peers and not settings.new_swarm:
         raise SystemExit("give --initial-peers to join a swarm, or --new-swarm to start one")

@@ -94,6 +94,7 @@ class _Sampler:
 
     def __init__(self, model: LoadedModel, params: GenerationParams):
         self._head = model.head
+        self._device = model.device
         self._params = params
         self._generator = torch.Generator(device=model.device)
         if params.seed is None:
@@ -111,6 +112,7 @@ class _Sampler:
         """Sample one token per row; ``bitmask`` [B, W] (a grammar's allowed tokens) masks the logits first."""
         params = self._params
         with torch.inference_mode():
+            hidden = hidden[:, -1:].to(self._device)  # the swarm answers on the CPU; the head may be on a GPU
             logits = self._head.logits(hidden, last_only=True)[:, -1, :]  # [B, V]
             if bitmask is not None:
                 logits = apply_token_bitmask(logits, bitmask)

@@ -166,3 +166,15 @@ def split_grouped_qkv(
     k = qk[:, :, :, r].transpose(1, 2)  # [B, G, S, Dh]
     v = grouped[:, :, :, r + 1].transpose(1, 2)  # [B, G, S, Dh]
     return q, k, v
+
+
+def avoid_cudnn_attention(device: torch.device) -> None:
+    """Keep SDPA off cuDNN's attention kernels on CUDA (process-wide; flash and memory-efficient kernels remain).
+
+    cuDNN builds an execution plan for every new (shape, strides) it sees, and decoding grows each session's
+    cache by one token per step, so nearly every step is new. Measured on an H100 (``scripts/profile_span.py``:
+    8B shape, 16 blocks, bf16, one session, every step one token longer): a decode step took 60-65 ms with
+    cuDNN attention allowed and 7-10 ms without.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
