@@ -24,8 +24,14 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_gpu import LLAMA_8B, TINY  # noqa: E402
 
 from server.model import BlockSpan  # noqa: E402
+from server.model import span as span_module  # noqa: E402
 from server.model.span import SpanCache, SpanStep  # noqa: E402
 from swarm.config import ModelSpec  # noqa: E402
+
+SMOLLM2 = dict(
+    hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+    vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
+)  # fmt: skip
 
 
 def sync(device: torch.device) -> None:
@@ -37,17 +43,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--shape", default="tiny", choices=["8b", "tiny"])
+    parser.add_argument("--shape", default="tiny", choices=["8b", "smollm2", "tiny"])
     parser.add_argument("--blocks", type=int, default=None, help="blocks hosted (default: all)")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--context", type=int, default=64, help="tokens already cached per session")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument(
+        "--decode-attention", choices=["one-call", "per-session"], default="one-call",
+        help="packed decode steps: one attention call for all rows (the server's way) or one per session",
+    )  # fmt: skip
     parser.add_argument("--cudnn-sdp", choices=["on", "off"], default="on", help="allow cuDNN's attention kernels")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.backends.cuda.enable_cudnn_sdp(args.cudnn_sdp == "on")
-    shape = {"8b": LLAMA_8B, "tiny": TINY}[args.shape]
+    shape = {"8b": LLAMA_8B, "smollm2": SMOLLM2, "tiny": TINY}[args.shape]
     spec = ModelSpec.from_hf_config({**shape, "model_type": "llama", "hidden_act": "silu"})
     blocks = args.blocks or spec.num_hidden_layers
     torch.manual_seed(0)
@@ -56,6 +66,8 @@ def main() -> None:
         for p in span.parameters():
             p.data.normal_(0, 0.02)
     span.eval()
+    span.one_call_decode = args.decode_attention == "one-call"
+    span_module.ONE_CALL_MIN_SESSIONS = 1  # compare the two ways at every number of sessions
     d = spec.hidden_size
     capacity = args.context + args.steps + 16
     for n in args.sessions:
@@ -87,8 +99,9 @@ def main() -> None:
                     step(position)
                     position += 1
                 sync(device)
-        print(f"\n{n} sessions x {blocks} blocks, cuDNN attention {args.cudnn_sdp}: decode step median "
-              f"{1000 * statistics.median(times):.2f} ms (min {1000 * min(times):.2f})", flush=True)  # fmt: skip
+        median, best = 1000 * statistics.median(times), 1000 * min(times)
+        print(f"\n{n} sessions x {blocks} blocks, {args.decode_attention} decode attention, cuDNN attention "
+              f"{args.cudnn_sdp}: decode step median {median:.2f} ms (min {best:.2f})", flush=True)  # fmt: skip
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
 
 

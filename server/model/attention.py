@@ -38,6 +38,17 @@ class PackedKV:
     slots: list[KVSlot]
     batches: list[int]
     lengths: list[int]
+    decode_mask: torch.Tensor | None = None
+    """When every session brings one token per row (decoding): which cached positions each row sees,
+    bool [rows, 1, 1, longest]; lets ``attend_decode_rows`` run all rows as ONE attention call. The same for
+    every block of a forward, so ``BlockSpan.forward_packed`` builds it once."""
+
+    @staticmethod
+    def make_decode_mask(starts: list[int], batches: list[int], device: torch.device) -> torch.Tensor:
+        """Sessions at positions ``starts`` with ``batches`` rows each -> bool [rows, 1, 1, longest]."""
+        ends = torch.tensor([start + 1 for start, b in zip(starts, batches, strict=True) for _ in range(b)])
+        longest = int(ends.max())
+        return (torch.arange(longest)[None, :] < ends[:, None]).to(device)[:, None, None, :]
 
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: [1, H, T, Dh] -> per session [B_i, H, S_i, Dh] (views where possible)."""
@@ -51,6 +62,43 @@ class PackedKV:
     def join(parts: list[torch.Tensor]) -> torch.Tensor:
         """Per session [B_i, H, S_i, Dh] -> [1, H, T, Dh], the inverse of ``split``."""
         return torch.cat([p.transpose(0, 1).flatten(1, 2) for p in parts], dim=1).unsqueeze(0)
+
+
+def attend_decode_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedKV, scale: float | None = None
+) -> torch.Tensor:
+    """Packed decode steps as ONE attention call: q [1, H, T, Dh], k/v [1, H_kv, T, Dh] -> [1, H, T, Dh].
+
+    Every one of the T rows is one new token of some session (``packed.decode_mask`` is set). Each row's key
+    and value go into its session's cache; then every row's cached keys/values are copied side by side,
+    padded to the longest, and masked per row. Per-session attention costs a dozen small kernel launches per
+    session per block; on a GPU that loop, not the math, bounded a 16-session decode step (measured with
+    ``scripts/profile_span.py``). The copies are cheap next to reading the weights. Plain causal attention
+    only (no sliding window, soft-capping or bias); the callers check.
+    """
+    mask = packed.decode_mask
+    assert mask is not None
+    rows, longest = mask.shape[0], mask.shape[-1]
+    h, h_kv, dh = q.shape[1], k.shape[1], k.shape[3]
+    new_k = list(k[0].transpose(0, 1).split(packed.batches))  # each [B_i, H_kv, Dh]
+    new_v = list(v[0].transpose(0, 1).split(packed.batches))
+    keys = k.new_zeros(rows, h_kv, longest, dh)
+    values = v.new_zeros(rows, h_kv, longest, dh)
+    into, cached, row = [], [], 0
+    for slot, b in zip(packed.slots, packed.batches, strict=True):
+        end = slot.start + 1
+        into += [keys[row : row + b, :, :end], values[row : row + b, :, :end]]
+        cached += [slot.key[:, :, :end], slot.value[:, :, :end]]
+        row += b
+    # One C++ loop per list instead of a Python one (torch._foreach_copy_ takes strided views).
+    torch._foreach_copy_(
+        [slot.key[:, :, slot.start] for slot in packed.slots] + [slot.value[:, :, slot.start] for slot in packed.slots],
+        new_k + new_v,
+    )
+    torch._foreach_copy_(into, cached)
+    queries = q[0].transpose(0, 1).unsqueeze(2)  # [T, H, 1, Dh]
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=h != h_kv)
+    return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # [1, H, T, Dh]
 
 
 def attention_mask(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.model.activations import activation
-from server.model.attention import KVSlot, PackedKV, attend, attention_mask, with_cache
+from server.model.attention import KVSlot, PackedKV, attend, attend_decode_rows, attention_mask, with_cache
 from server.model.fused import Device, Fused, fuse_linears, linear
 from server.model.rotary import RotaryEmbedding, rotate
 from swarm.config import ModelSpec
@@ -76,7 +76,9 @@ class LlamaAttention(Fused):
         # x: [B, S, D], cos/sin: [B, S, Dh]; packed sessions: B = 1, S = T (all their tokens)
         b, s, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        if isinstance(kv, PackedKV):
+        if isinstance(kv, PackedKV) and kv.decode_mask is not None and self._plain_causal:
+            out = attend_decode_rows(q, k, v, kv, self.scale)  # every row one new token: one call for all
+        elif isinstance(kv, PackedKV):
             # Each session attends over its own cache only: split, attend, join back to [1, H, T, Dh].
             parts = zip(kv.split(q), kv.split(k), kv.split(v), kv.slots, strict=True)
             out = PackedKV.join([self._attend(*part) for part in parts])
@@ -84,6 +86,10 @@ class LlamaAttention(Fused):
             out = self._attend(q, k, v, kv)  # [B, H, S, Dh]
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [B, S, H * Dh]
         return self.o_proj(out)
+
+    @property
+    def _plain_causal(self) -> bool:
+        return self.sliding_window is None and self.softcap is None
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVSlot | None) -> torch.Tensor:
         # q: [B, H, S, Dh], k/v: [B, H_kv, S, Dh] -> [B, H, S, Dh]

@@ -13,6 +13,8 @@ from server.backend import SpanBackend
 from server.batching import BatchLimits, PendingStep, plan_batch
 from server.kv_cache import PageAllocator
 from server.model import BlockSpan, SpanCache
+from server.model import llama as llama_module
+from server.model import span as span_module
 from server.model.span import SpanStep
 from server.sessions import Session, SessionRegistry
 from swarm.errors import ServerBusyError
@@ -34,9 +36,16 @@ def _caches(resolved: ResolvedModel, capacity: int = 32) -> list[SpanCache]:
 
 @pytest.mark.parametrize("kind", TINY_KINDS)
 @torch.inference_mode()
-def test_packed_forward_matches_per_session_forward(tiny_models: dict[str, ResolvedModel], kind: str) -> None:
+def test_packed_forward_matches_per_session_forward(
+    tiny_models: dict[str, ResolvedModel], kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one_call_decodes = []
+    one_call = llama_module.attend_decode_rows
+    monkeypatch.setattr(llama_module, "attend_decode_rows", lambda *a: one_call_decodes.append(1) or one_call(*a))
     resolved = tiny_models[kind]
     span = BlockSpan.load(resolved, 0, 4)
+    span.one_call_decode = True  # the GPU default: packed decode steps attend in one call (from 1 session on here)
+    monkeypatch.setattr(span_module, "ONE_CALL_MIN_SESSIONS", 1)
     assert span.packs_sessions == (kind not in ("falcon", "falcon_mq", "falcon_seq", "bloom"))
     g = torch.Generator().manual_seed(0)
     d = resolved.spec.hidden_size
@@ -53,6 +62,9 @@ def test_packed_forward_matches_per_session_forward(tiny_models: dict[str, Resol
         lengths = [1] * len(SESSIONS)
     for a, p in zip(alone, packed, strict=True):  # every session's cache holds exactly its own tokens
         torch.testing.assert_close(p.keys, a.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(p.values, a.values, atol=1e-5, rtol=1e-4)
+    if kind == "llama":  # its packed decode steps ran as one attention call per block (3 steps x 4 blocks)
+        assert len(one_call_decodes) == 12
 
 
 @torch.inference_mode()
