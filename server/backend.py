@@ -23,7 +23,9 @@ import torch
 from server.batching import BatchLimits, PendingStep, plan_batch
 from server.model import BlockSpan
 from server.model.span import SpanStep
+from server.model.tuning import SpanTuning
 from server.sessions import Session
+from swarm.messages import TuningSpec
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +90,34 @@ class SpanBackend:
             self._wake.notify()
         return await asyncio.wrap_future(future)
 
-    async def forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        return await self._run(self._forward, hidden, start, end)
+    async def forward(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        spec: TuningSpec | None = None,
+        extras: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``extras``: the request's per-block trainables as ``spec`` describes them (already validated)."""
+        return await self._run(self._forward, hidden, start, end, spec, extras or [])
 
-    async def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        return await self._run(self._backward, hidden, grad_output, start, end)
+    async def backward(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        start: int,
+        end: int,
+        spec: TuningSpec | None = None,
+        extras: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """-> [gradient for ``hidden``, then one per tensor of ``extras``]."""
+        return await self._run(self._backward, hidden, grad_output, start, end, spec, extras or [])
+
+    def session_tuning(self, spec: TuningSpec | None, extras: list[torch.Tensor]) -> SpanTuning | None:
+        """A session's tuning, kept on the compute device for all its steps."""
+        if spec is None:
+            return None
+        return SpanTuning.from_tensors(spec, [t.to(self.device, self.dtype) for t in extras])
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         future: Future[Any] = Future()
@@ -160,6 +185,7 @@ class SpanBackend:
                         st.hidden[:, st.done : st.done + take].to(self.device, self.dtype),
                         st.session.cache,
                         st.position + st.done,
+                        st.session.tuning,
                     )
                     for st, take in plan
                 ]
@@ -186,17 +212,39 @@ class SpanBackend:
             out = st.outputs[0] if len(st.outputs) == 1 else torch.cat(st.outputs, dim=1)  # [B, S, D]
             _resolve(st.future, out.to("cpu", st.hidden.dtype))
 
-    def _forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def _forward(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        spec: TuningSpec | None = None,
+        extras: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         with torch.inference_mode():
-            out = self.span(hidden.to(self.device, self.dtype), blocks=self._blocks(start, end))
+            tuning = self.session_tuning(spec, extras or [])
+            out = self.span(hidden.to(self.device, self.dtype), blocks=self._blocks(start, end), tuning=tuning)
             return out.to("cpu", hidden.dtype)
 
-    def _backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def _backward(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        start: int,
+        end: int,
+        spec: TuningSpec | None,
+        extras: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
         with torch.enable_grad():
             x = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
-            out = self.span(x, blocks=self._blocks(start, end))
-            (grad_input,) = torch.autograd.grad(out, x, grad_output.to(self.device, self.dtype))
-            return grad_input.to("cpu", hidden.dtype)
+            leaves = [t.to(self.device, self.dtype).detach().requires_grad_(True) for t in extras]
+            tuning = SpanTuning.from_tensors(spec, leaves) if spec is not None else None
+            out = self.span(x, blocks=self._blocks(start, end), tuning=tuning)
+            grads = torch.autograd.grad(out, [x, *leaves], grad_output.to(self.device, self.dtype), allow_unused=True)
+            inputs = [hidden, *extras]
+            return [
+                (g if g is not None else torch.zeros_like(leaf)).to("cpu", original.dtype)
+                for g, leaf, original in zip(grads, [x, *leaves], inputs, strict=True)
+            ]
 
     def measure_throughput(self, hidden_size: int, steps: int = 5) -> float:
         """Blocks per second for a one-token forward (what routing divides span lengths by)."""

@@ -70,6 +70,12 @@ class ServerSettings(BaseSettings):
         description="wait up to this long for other active sessions' steps before a batch runs; ends early once "
         "they have all arrived, so a lone session never waits (0: never wait)",
     )
+    max_lora_rank: int = Field(
+        64, gt=0, description="highest rank of client-side LoRA factors a request may carry (larger are refused)"
+    )
+    max_prompt_tokens: int = Field(
+        256, gt=0, description="most deep prompts (pre_seq_len) per block a request may carry (more are refused)"
+    )
     announce_period_s: float = Field(5.0, gt=0, description="how often the server re-announces itself")
     rebalance_period_s: float = Field(
         60.0, ge=0, description="with --blocks: how often to check whether moving would help the swarm (0: never)"

@@ -29,6 +29,7 @@ from swarm.records import ModelCoverage
 from swarm.remote_autograd import RemoteBlocks
 from swarm.routing import Hop, choose_route, missing_blocks
 from swarm.session import InferenceSession
+from swarm.span_tensors import SpanTensors
 from swarm.tensors import Compression
 
 logger = logging.getLogger(__name__)
@@ -167,8 +168,11 @@ class SwarmClient:
             raise MissingBlocksError(model_id, missing_blocks(coverage, banned))
         return await self.route(model_id, start, end, fresh=True, cache_tokens=cache_tokens)
 
-    def inference_session(self, model_id: str, max_length: int, batch_size: int = 1) -> InferenceSession:
-        return InferenceSession(self, model_id, max_length=max_length, batch_size=batch_size)
+    def inference_session(
+        self, model_id: str, max_length: int, batch_size: int = 1, extras: SpanTensors | None = None
+    ) -> InferenceSession:
+        """``extras``: per-block trainables for all blocks of the model, applied by the servers to every step."""
+        return InferenceSession(self, model_id, max_length=max_length, batch_size=batch_size, extras=extras)
 
     def peer(self, peer_id: str) -> PeerID:
         return PeerID.from_base58(peer_id)

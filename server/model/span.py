@@ -12,6 +12,7 @@ from torch import nn
 
 from server.model.attention import KVSlot, PackedKV
 from server.model.rotary import RotaryEmbedding
+from server.model.tuning import SpanTuning
 from swarm.config import ModelSpec
 from swarm.weights import ResolvedModel, block_prefix, load_tensors
 
@@ -48,6 +49,7 @@ class SpanStep:
     hidden: torch.Tensor  # [B, S, D]
     cache: SpanCache
     start_position: int
+    tuning: SpanTuning | None = None
 
 
 class SpanCache:
@@ -133,6 +135,8 @@ class BlockSpan(nn.Module):
             self.positions, RotaryEmbedding
         )
         """Whether ``forward_packed`` runs several sessions as one forward (else one forward per session)."""
+        self.lora_targets: tuple[str, ...] = tuple(getattr(block_class, "lora_targets", ()))
+        """Linears of these blocks that take client-side LoRA (none for families without support)."""
 
     @classmethod
     def load(
@@ -158,13 +162,15 @@ class BlockSpan(nn.Module):
         cache: SpanCache | None = None,
         start_position: int = 0,
         blocks: slice | None = None,
+        tuning: SpanTuning | None = None,
     ) -> torch.Tensor:
         """hidden: [B, S, D] at positions ``[start_position, start_position + S)`` -> [B, S, D].
 
         ``blocks`` picks a sub-range in absolute model block indices (``slice(3, 10)`` on a span hosting 0:15
         runs model blocks 3..9); ``None`` runs every hosted block. ``cache`` covers exactly the blocks that
         run, so a session over a sub-range allocates only what it uses. Nothing advances implicitly: the
-        caller passes the next ``start_position`` itself.
+        caller passes the next ``start_position`` itself. ``tuning`` (deep prompts, LoRA) has one row per block
+        that runs, like ``cache``.
         """
         first, last = self._local_range(blocks)
         b, s, d = hidden.shape
@@ -175,7 +181,12 @@ class BlockSpan(nn.Module):
         positional = self.positions(start_position, s, b, hidden.dtype)  # e.g. (cos, sin), each [B, S, Dh]
         for j, k in enumerate(range(first, last)):
             kv = cache.slot(j, start_position) if cache is not None else None
-            hidden = self.blocks[k](hidden, *positional, kv)
+            if tuning is None:
+                hidden = self.blocks[k](hidden, *positional, kv)
+                continue
+            hidden = tuning.add_prompts(j, hidden, start_position)
+            lora = tuning.block_lora(j)
+            hidden = self.blocks[k](hidden, *positional, kv, **({"lora": lora} if lora is not None else {}))
         return hidden
 
     def forward_packed(self, steps: Sequence[SpanStep], blocks: slice | None = None) -> list[torch.Tensor]:
@@ -183,10 +194,11 @@ class BlockSpan(nn.Module):
 
         Their tokens are packed into one [1, T, D] forward (``T = sum B_i * S_i``) with per-token rotary
         positions, so the weight matmuls run once for all; attention stays per session (``PackedKV``). A lone
-        step, or a family that cannot pack, takes the plain per-session ``forward``: exactly today's path.
+        step, a family that cannot pack, or a batch with tuned sessions takes the plain per-session ``forward``.
         """
-        if len(steps) == 1 or not self.packs_sessions:
-            return [self.forward(st.hidden, st.cache, st.start_position, blocks) for st in steps]
+        if len(steps) == 1 or not self.packs_sessions or any(st.tuning is not None for st in steps):
+            # Tuned sessions (own prompts / LoRA) run one by one: their adapted linears differ per session.
+            return [self.forward(st.hidden, st.cache, st.start_position, blocks, st.tuning) for st in steps]
         first, last = self._local_range(blocks)
         d = self.spec.hidden_size
         device = steps[0].hidden.device
