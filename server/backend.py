@@ -23,7 +23,7 @@ import torch
 from server.batching import BatchLimits, PendingStep, plan_batch
 from server.model import BlockSpan
 from server.model.span import SpanStep
-from server.model.tuning import SpanTuning
+from server.model.tuning import BlockLora, SpanTuning
 from server.sessions import Session
 from swarm.messages import TuningSpec
 
@@ -57,8 +57,11 @@ class SpanBackend:
         dtype: torch.dtype,
         device: torch.device,
         limits: BatchLimits | None = None,
+        adapters: dict[str, list[BlockLora]] | None = None,
     ):
         self.span = span
+        self.adapters = adapters or {}
+        """Server-side LoRA adapters by name, one ``BlockLora`` per hosted block (``server.adapters``)."""
         self.start = start
         self.end = end
         self.dtype = dtype
@@ -97,9 +100,11 @@ class SpanBackend:
         end: int,
         spec: TuningSpec | None = None,
         extras: list[torch.Tensor] | None = None,
+        adapter: str | None = None,
     ) -> torch.Tensor:
-        """``extras``: the request's per-block trainables as ``spec`` describes them (already validated)."""
-        return await self._run(self._forward, hidden, start, end, spec, extras or [])
+        """``extras``: the request's per-block trainables as ``spec`` describes them (already validated);
+        ``adapter``: the name of one of ``adapters``."""
+        return await self._run(self._forward, hidden, start, end, spec, extras or [], adapter)
 
     async def backward(
         self,
@@ -109,15 +114,25 @@ class SpanBackend:
         end: int,
         spec: TuningSpec | None = None,
         extras: list[torch.Tensor] | None = None,
+        adapter: str | None = None,
     ) -> list[torch.Tensor]:
         """-> [gradient for ``hidden``, then one per tensor of ``extras``]."""
-        return await self._run(self._backward, hidden, grad_output, start, end, spec, extras or [])
+        return await self._run(self._backward, hidden, grad_output, start, end, spec, extras or [], adapter)
 
-    def session_tuning(self, spec: TuningSpec | None, extras: list[torch.Tensor]) -> SpanTuning | None:
-        """A session's tuning, kept on the compute device for all its steps."""
-        if spec is None:
-            return None
-        return SpanTuning.from_tensors(spec, [t.to(self.device, self.dtype) for t in extras])
+    def session_tuning(
+        self, spec: TuningSpec | None, extras: list[torch.Tensor], adapter: str | None, start: int, end: int
+    ) -> SpanTuning | None:
+        """A session's (or request's) tuning for blocks [start, end), on the compute device."""
+        return self._tuning(spec, [t.to(self.device, self.dtype) for t in extras], adapter, start, end)
+
+    def _tuning(
+        self, spec: TuningSpec | None, tensors: list[torch.Tensor], adapter: str | None, start: int, end: int
+    ) -> SpanTuning | None:
+        tuning = SpanTuning.from_tensors(spec, tensors) if spec is not None else None
+        if adapter is None:
+            return tuning
+        rows = self.adapters[adapter][start - self.start : end - self.start]
+        return (tuning or SpanTuning()).with_adapter(rows)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         future: Future[Any] = Future()
@@ -219,9 +234,10 @@ class SpanBackend:
         end: int,
         spec: TuningSpec | None = None,
         extras: list[torch.Tensor] | None = None,
+        adapter: str | None = None,
     ) -> torch.Tensor:
         with torch.inference_mode():
-            tuning = self.session_tuning(spec, extras or [])
+            tuning = self.session_tuning(spec, extras or [], adapter, start, end)
             out = self.span(hidden.to(self.device, self.dtype), blocks=self._blocks(start, end), tuning=tuning)
             return out.to("cpu", hidden.dtype)
 
@@ -233,11 +249,12 @@ class SpanBackend:
         end: int,
         spec: TuningSpec | None,
         extras: list[torch.Tensor],
+        adapter: str | None = None,
     ) -> list[torch.Tensor]:
         with torch.enable_grad():
             x = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
             leaves = [t.to(self.device, self.dtype).detach().requires_grad_(True) for t in extras]
-            tuning = SpanTuning.from_tensors(spec, leaves) if spec is not None else None
+            tuning = self._tuning(spec, leaves, adapter, start, end)
             out = self.span(x, blocks=self._blocks(start, end), tuning=tuning)
             grads = torch.autograd.grad(out, [x, *leaves], grad_output.to(self.device, self.dtype), allow_unused=True)
             inputs = [hidden, *extras]

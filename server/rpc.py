@@ -152,7 +152,7 @@ class BlockHandler:
         spec = open_msg.tuning
         extras = decode_tensors(tuning_tensors, spec.num_tensors if spec is not None else 0)
         if spec is not None:
-            self._check_tuning(spec, extras, open_msg.end - open_msg.start)
+            self._check_tuning(spec, extras, open_msg.end - open_msg.start, open_msg.adapter)
         if self.leaving.is_set():
             raise ServerLeavingError("this server is leaving the swarm and takes no new sessions")
         if open_msg.max_length > self.state.max_length:
@@ -165,7 +165,7 @@ class BlockHandler:
         session = await self.sessions.open(
             open_msg.session_id, peer, open_msg.start, open_msg.end, open_msg.batch_size, open_msg.max_length
         )
-        session.tuning = self.backend.session_tuning(spec, extras)
+        session.tuning = self.backend.session_tuning(spec, extras, open_msg.adapter, open_msg.start, open_msg.end)
         return session
 
     async def _step(
@@ -203,14 +203,15 @@ class BlockHandler:
             for tensor in tensors:
                 check_hidden(tensor, self.state.hidden_size, self.settings.max_step_tokens)
             if spec is not None:
-                self._check_tuning(spec, extras, meta.end - meta.start)
+                self._check_tuning(spec, extras, meta.end - meta.start, meta.adapter)
             began = time.perf_counter()
+            span = (meta.start, meta.end)
             if expected_tensors == 1:
-                outs = [await self.backend.forward(tensors[0], meta.start, meta.end, spec, extras)]
+                outs = [await self.backend.forward(tensors[0], *span, spec, extras, meta.adapter)]
             else:
                 if tensors[0].shape != tensors[1].shape:
                     raise BadRequestError("grad_output must have the shape of the hidden states")
-                outs = await self.backend.backward(tensors[0], tensors[1], meta.start, meta.end, spec, extras)
+                outs = await self.backend.backward(tensors[0], tensors[1], *span, spec, extras, meta.adapter)
             kind = "forward" if expected_tensors == 1 else "backward"
             self.metrics.observe_step(kind, tensors[0].shape[0], tensors[0].shape[1], time.perf_counter() - began)
             # Activations (and their gradient) as the client asked; gradients of trainables always exact.
@@ -239,7 +240,9 @@ class BlockHandler:
         )
         return runtime_pb2.ExpertResponse(metadata=info.encode())
 
-    def _check_tuning(self, spec: TuningSpec, extras: list, num_blocks: int) -> None:
+    def _check_tuning(self, spec: TuningSpec, extras: list, num_blocks: int, adapter: str | None) -> None:
+        if adapter is not None and spec.lora is not None:
+            raise BadRequestError("a request may carry its own LoRA factors or name an adapter, not both")
         span = self.backend.span
         check_tuning(
             spec, extras, num_blocks, span.spec, span.lora_targets,
@@ -253,6 +256,9 @@ class BlockHandler:
         if meta.model_id != self.state.model_id:
             raise BadRequestError(f"this server serves {self.state.model_id!r}, not {meta.model_id!r}")
         check_span(meta.start, meta.end, self.state.start, self.state.end)
+        if meta.adapter is not None and meta.adapter not in self.backend.adapters:
+            served = ", ".join(sorted(self.backend.adapters)) or "none"
+            raise BadRequestError(f"this server does not serve adapter {meta.adapter!r} (it serves: {served})")
 
 
 def _step_error(payload: ErrorPayload) -> runtime_pb2.ExpertResponse:

@@ -76,6 +76,8 @@ class SpanRequest(_Message):
     """Proof of the swarm secret (private swarms only; ``swarm.auth``)."""
     compression: Compression = "none"
     """How the server should compress the activations it sends back (clients compress theirs the same way)."""
+    adapter: str | None = None
+    """A LoRA adapter the server serves by name (announced in its record) to apply to these blocks."""
 
     def check_version(self) -> None:
         if self.protocol_version != PROTOCOL_VERSION:

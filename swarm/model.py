@@ -95,6 +95,8 @@ class AutoDistributedModelForCausalLM(torch.nn.Module):
         self.client = client
         self._loop = loop
         self.blocks = RemoteBlocks(client, resolved.model_id, 0, resolved.spec.num_hidden_layers, loop.run)
+        self.adapter: str | None = None
+        """A server-side LoRA adapter (by name) for inference sessions (``generate``)."""
 
     @classmethod
     def from_pretrained(
@@ -110,17 +112,21 @@ class AutoDistributedModelForCausalLM(torch.nn.Module):
         pre_seq_len: int = 0,
         prompts_path: Path | str | None = None,
         lora: dict | None = None,
+        adapter: str | None = None,
     ) -> AutoDistributedModelForCausalLM:
         """``tuning_mode="ptune"`` / ``"deep_ptune"`` add ``pre_seq_len`` trainable prompts (or those saved at
         ``prompts_path``); ``"lora"`` adds LoRA factors, ``lora={"rank": 8, "alpha": 16, "targets": (...)}`` or
-        ``lora={"path": peft_folder}`` (``swarm.tuning.make_tuning``)."""
+        ``lora={"path": peft_folder}`` (``swarm.tuning.make_tuning``). ``adapter`` names a LoRA adapter that
+        servers serve (``--adapters``): inference sessions then run on servers announcing it."""
         resolved = resolve_model(ref, cache_dir or DEFAULT_CACHE_DIR, model_id)
         head = ModelHead.load(resolved, dtype, "cpu")
         tuning = make_tuning(tuning_mode, head, pre_seq_len, prompts_path, lora)
         loop = _LoopThread()
         config = client_config or ClientConfig(initial_peers=list(initial_peers))
         client = loop.run(SwarmClient.create(config))
-        return cls(resolved, head, client, loop, tuning)
+        model = cls(resolved, head, client, loop, tuning)
+        model.adapter = adapter
+        return model
 
     @property
     def model_id(self) -> str:
@@ -153,7 +159,7 @@ class AutoDistributedModelForCausalLM(torch.nn.Module):
         """A session that applies the tuning's per-block tensors (deep prompts, LoRA) as they are now."""
         extras = self.tuning.span_tensors() if self.tuning is not None else None
         session = self.client.inference_session(
-            self.model_id, max_length=max_length, batch_size=batch_size, extras=extras
+            self.model_id, max_length=max_length, batch_size=batch_size, extras=extras, adapter=self.adapter
         )
         return SyncInferenceSession(self, session)
 

@@ -34,6 +34,8 @@ class ServerRecord(BaseModel):
     public_name: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    adapters: list[str] = Field(default_factory=list)
+    """Names of the LoRA adapters this server applies on request (``--adapters``); older servers announce none."""
     auth: str | None = None
     """Private swarms: the server's HMAC of this record under the swarm secret (``swarm.auth``)."""
 

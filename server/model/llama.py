@@ -13,7 +13,7 @@ from server.model.activations import activation
 from server.model.attention import KVSlot, PackedKV, attend, attention_mask, with_cache
 from server.model.fused import Device, Fused, fuse_linears, linear
 from server.model.rotary import RotaryEmbedding, rotate
-from server.model.tuning import BlockLora, add_lora
+from server.model.tuning import LoraDelta, add_lora
 from swarm.config import ModelSpec
 from swarm.messages import LORA_TARGETS
 from swarm.norm import RMSNorm
@@ -55,7 +55,7 @@ class LlamaAttention(Fused):
         self.fused_weight, self.fused_bias = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def project(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora: BlockLora | None = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora: LoraDelta | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, S, D] -> rotated q [B, H, S, Dh], rotated k [B, H_kv, S, Dh], v [B, H_kv, S, Dh]."""
         b, s, _ = x.shape
@@ -83,7 +83,7 @@ class LlamaAttention(Fused):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv: KVSlot | PackedKV | None,
-        lora: BlockLora | None = None,
+        lora: LoraDelta | None = None,
     ) -> torch.Tensor:
         # x: [B, S, D], cos/sin: [B, S, Dh]; packed sessions: B = 1, S = T (all their tokens)
         b, s, _ = x.shape
@@ -121,7 +121,7 @@ class LlamaMLP(Fused):
     def _fuse(self) -> None:
         self.fused_weight, self.fused_bias = fuse_linears([self.gate_proj, self.up_proj])
 
-    def forward(self, x: torch.Tensor, lora: BlockLora | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraDelta | None = None) -> torch.Tensor:
         # x: [B, S, D]
         gate_up = F.linear(x, self.fused_weight, self.fused_bias)  # [B, S, 2I]
         if lora is not None:
@@ -157,7 +157,7 @@ class LlamaBlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv: KVSlot | None = None,
-        lora: BlockLora | None = None,
+        lora: LoraDelta | None = None,
     ) -> torch.Tensor:
         # hidden: [B, S, D], cos/sin: [B, S, Dh] -> [B, S, D]
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv, lora)

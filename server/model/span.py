@@ -12,7 +12,7 @@ from torch import nn
 
 from server.model.attention import KVSlot, PackedKV
 from server.model.rotary import RotaryEmbedding
-from server.model.tuning import SpanTuning
+from server.model.tuning import PackedLora, SpanTuning
 from swarm.config import ModelSpec
 from swarm.weights import ResolvedModel, block_prefix, load_tensors
 
@@ -194,15 +194,17 @@ class BlockSpan(nn.Module):
 
         Their tokens are packed into one [1, T, D] forward (``T = sum B_i * S_i``) with per-token rotary
         positions, so the weight matmuls run once for all; attention stays per session (``PackedKV``). A lone
-        step, a family that cannot pack, or a batch with tuned sessions takes the plain per-session ``forward``.
+        step, or a family that cannot pack, takes the plain per-session ``forward``. Sessions with their own tuning
+        (deep prompts, LoRA: client-sent or a server adapter) pack too, each with its own tensors.
         """
-        if len(steps) == 1 or not self.packs_sessions or any(st.tuning is not None for st in steps):
-            # Tuned sessions (own prompts / LoRA) run one by one: their adapted linears differ per session.
+        tuned = [st.tuning for st in steps if st.tuning is not None]
+        if len(steps) == 1 or not self.packs_sessions or (tuned and not self.lora_targets):
             return [self.forward(st.hidden, st.cache, st.start_position, blocks, st.tuning) for st in steps]
         first, last = self._local_range(blocks)
         d = self.spec.hidden_size
         device = steps[0].hidden.device
         batches, lengths = [st.hidden.shape[0] for st in steps], [st.hidden.shape[1] for st in steps]
+        sizes = [b * s for b, s in zip(batches, lengths, strict=True)]
         for st in steps:
             if st.hidden.shape[2] != d:
                 raise ValueError(f"hidden size {st.hidden.shape[2]} does not match the model's {d}")
@@ -218,9 +220,34 @@ class BlockSpan(nn.Module):
         positional = self.positions.cos_sin(positions, hidden.dtype)  # (cos, sin), each [1, T, Dh]
         for j, k in enumerate(range(first, last)):
             kv = PackedKV([st.cache.slot(j, st.start_position) for st in steps], batches, lengths)
-            hidden = self.blocks[k](hidden, *positional, kv)
-        parts = hidden[0].split([b * s for b, s in zip(batches, lengths, strict=True)])  # each [B_i * S_i, D]
-        return [p.view(b, s, d) for p, b, s in zip(parts, batches, lengths, strict=True)]
+            if not tuned:
+                hidden = self.blocks[k](hidden, *positional, kv)
+                continue
+            # Sessions with their own prompts / LoRA share the batch: prompts go to each session's rows, LoRA
+            # deltas per segment of tokens (PackedLora); the base weights' matmuls still run once for all.
+            hidden = self._add_packed_prompts(hidden, steps, j, batches, lengths)
+            parts = [st.tuning.block_lora(j) if st.tuning is not None else None for st in steps]
+            lora = PackedLora(parts, sizes) if any(p is not None for p in parts) else None
+            hidden = self.blocks[k](hidden, *positional, kv, **({"lora": lora} if lora is not None else {}))
+        parts_out = hidden[0].split(sizes)  # each [B_i * S_i, D]
+        return [p.view(b, s, d) for p, b, s in zip(parts_out, batches, lengths, strict=True)]
+
+    @staticmethod
+    def _add_packed_prompts(
+        hidden: torch.Tensor, steps: Sequence[SpanStep], j: int, batches: list[int], lengths: list[int]
+    ) -> torch.Tensor:
+        """hidden [1, T, D] of packed sessions: add block ``j``'s deep prompts of each session to its own rows."""
+        if all(st.tuning is None or st.tuning.prompts is None for st in steps):
+            return hidden
+        d = hidden.shape[-1]
+        pieces = hidden[0].split([b * s for b, s in zip(batches, lengths, strict=True)])  # each [B_i * S_i, D]
+        out = []
+        for st, piece, b, s in zip(steps, pieces, batches, lengths, strict=True):
+            rows = piece.view(b, s, d)
+            if st.tuning is not None:
+                rows = st.tuning.add_prompts(j, rows, st.start_position)
+            out.append(rows.reshape(b * s, d))
+        return torch.cat(out).unsqueeze(0)
 
     def _local_range(self, blocks: slice | None) -> tuple[int, int]:
         if blocks is None:

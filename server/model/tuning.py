@@ -15,20 +15,12 @@ import torch.nn.functional as F
 from swarm.messages import TuningSpec
 
 
-@dataclass(frozen=True)
-class BlockLora:
-    """One block's LoRA: target -> (A [r, in], B [out, r]); ``delta`` is ``scale * B A x``."""
-
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    scale: float
+class LoraDelta:
+    """What a block is handed as ``lora``: the LoRA delta of each adapted linear for that linear's input."""
 
     def delta(self, target: str, x: torch.Tensor) -> torch.Tensor | None:
         """x: [..., in] -> [..., out], or None when ``target`` is not adapted."""
-        factor = self.factors.get(target)
-        if factor is None:
-            return None
-        a, b = factor
-        return F.linear(F.linear(x, a), b) * self.scale  # [..., r] -> [..., out]
+        raise NotImplementedError
 
     def fused_delta(self, targets: Sequence[str], widths: Sequence[int], x: torch.Tensor) -> torch.Tensor | None:
         """The deltas of linears fused side by side (q|k|v, gate|up): [..., sum(widths)], zeros where a target is
@@ -41,7 +33,43 @@ class BlockLora:
         )
 
 
-def add_lora(out: torch.Tensor, lora: BlockLora | None, target: str, x: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class BlockLora(LoraDelta):
+    """One block's LoRA: target -> (A [r, in], B [out, r]); ``delta`` is ``scale * B A x``."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scale: float
+
+    def delta(self, target: str, x: torch.Tensor) -> torch.Tensor | None:
+        factor = self.factors.get(target)
+        if factor is None:
+            return None
+        a, b = factor
+        return F.linear(F.linear(x, a), b) * self.scale  # [..., r] -> [..., out]
+
+
+@dataclass(frozen=True)
+class PackedLora(LoraDelta):
+    """Per-session LoRA for several sessions' tokens packed side by side ([1, T, D], ``BlockSpan.forward_packed``):
+    segment ``i`` (``sizes[i]`` tokens) gets ``parts[i]``'s delta, or none. The base matmul still runs once."""
+
+    parts: list[BlockLora | None]
+    sizes: list[int]
+
+    def delta(self, target: str, x: torch.Tensor) -> torch.Tensor | None:
+        # x: [1, T, in] -> [1, T, out]
+        pieces = x.split(self.sizes, dim=1)
+        deltas = [lora.delta(target, p) if lora else None for lora, p in zip(self.parts, pieces, strict=True)]
+        width = next((d.shape[-1] for d in deltas if d is not None), None)
+        if width is None:
+            return None
+        return torch.cat(
+            [d if d is not None else p.new_zeros(*p.shape[:-1], width) for d, p in zip(deltas, pieces, strict=True)],
+            dim=1,
+        )
+
+
+def add_lora(out: torch.Tensor, lora: LoraDelta | None, target: str, x: torch.Tensor) -> torch.Tensor:
     """``out`` (the linear's output for input ``x``) plus that linear's LoRA delta, if any."""
     delta = lora.delta(target, x) if lora is not None else None
     return out if delta is None else out + delta
@@ -52,7 +80,7 @@ class SpanTuning:
     """Tuning for the blocks one forward runs; row ``j`` of each tensor belongs to the ``j``-th block that runs."""
 
     prompts: torch.Tensor | None = None  # [N, K, D]
-    lora: list[BlockLora] | None = None
+    lora: Sequence[BlockLora] | None = None
 
     @classmethod
     def from_tensors(cls, spec: TuningSpec, tensors: Sequence[torch.Tensor]) -> SpanTuning:
@@ -67,6 +95,10 @@ class SpanTuning:
                 BlockLora({t: (a[j], b[j]) for t, (a, b) in pairs.items()}, spec.lora.scale) for j in range(num_blocks)
             ]
         return cls(prompts, lora)
+
+    def with_adapter(self, adapter: Sequence[BlockLora]) -> SpanTuning:
+        """This tuning's prompts with a server-side adapter's LoRA (rows for the blocks that run)."""
+        return SpanTuning(self.prompts, adapter)
 
     def block_lora(self, j: int) -> BlockLora | None:
         return self.lora[j] if self.lora is not None else None
