@@ -58,7 +58,7 @@ class PromptTuning(nn.Module):
     @classmethod
     def load(cls, path: Path | str, dtype: torch.dtype | None = None) -> PromptTuning:
         """Read prompts saved by ``save``; ``path`` is the file or a folder holding ``adapter_model.safetensors``."""
-        prompts = _read_prompts(path, dtype)
+        prompts = read_prompts(path, dtype)
         return cls(prompts[PROMPTS_KEY])
 
     def save(self, path: Path | str) -> None:
@@ -101,7 +101,7 @@ class DeepPromptTuning(PromptTuning):
 
     @classmethod
     def load(cls, path: Path | str, dtype: torch.dtype | None = None) -> DeepPromptTuning:
-        tensors = _read_prompts(path, dtype)
+        tensors = read_prompts(path, dtype)
         if DEEP_PROMPTS_KEY not in tensors:
             raise ValueError(f"{path} has no {DEEP_PROMPTS_KEY!r} tensor: saved by plain prompt tuning?")
         return cls(tensors[PROMPTS_KEY], tensors[DEEP_PROMPTS_KEY])
@@ -118,7 +118,8 @@ Tuning = PromptTuning | LoraTuning
 """What ``make_tuning`` returns: each has ``length`` (prompt positions), ``prepend``, ``strip``, ``span_tensors``."""
 
 
-def _read_prompts(path: Path | str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def read_prompts(path: Path | str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The tensors of a prompts file saved by ``PromptTuning.save`` (or a folder holding one)."""
     path = Path(path)
     if path.is_dir():
         path = path / "adapter_model.safetensors"
