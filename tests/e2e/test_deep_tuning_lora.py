@@ -1,28 +1,43 @@
-"""Deep prompt tuning and client-side LoRA through a real loopback swarm (a tiny Llama over servers 0:2 and 2:4):
-gradients for the inputs, the deep prompts and the LoRA factors equal the same model computed locally
-(transformers with the prompts hooked in; peft with the adapter we saved in PEFT format); sessions carry the
-tensors, so generation matches too; malformed trainables are refused with a structured error."""
+"""Deep prompt tuning, client-side LoRA and serving what was tuned, on one real loopback swarm: a tiny Llama over
+servers 0:2 and 2:4 (both serving LoRA adapter "mine") and 1:3 (no adapter), so every route has several hops.
+
+- gradients for the inputs, the deep prompts and the LoRA factors equal the same model computed locally
+  (transformers with the prompts hooked in; peft with the adapter we saved in PEFT format); sessions carry the
+  tensors, so generation matches too; malformed trainables are refused with a structured error;
+- sessions naming the adapter run only on servers announcing it and give the greedy tokens of the local model with
+  the adapter merged by peft; sessions without it give the base model's;
+- a few dozen prompt-tuning steps through the swarm lower the loss and change the greedy answer; the real gateway
+  then lists ``MODEL:answer`` (the saved prompts, ``--prompts``) and ``MODEL:mine`` and answers with them.
+"""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from peft import PeftModel
+from transformers import AutoTokenizer
 
 from swarm.errors import BadRequestError
 from swarm.lora import LoraTuning
 from swarm.messages import LORA_TARGETS, LoraSpec, TuningSpec
 from swarm.model import AutoDistributedModelForCausalLM
+from swarm.routing import Hop
 from swarm.span_call import call_backward, call_forward
 from swarm.span_tensors import SpanTensors
 from swarm.tuning import causal_lm_loss
-from tests.e2e.test_tuning import make_tunable_tiny_llama, task
-from tests.helpers import reference_model
+from swarm.weights import resolve_model
+from tests.e2e.gateway_process import running_gateway
+from tests.e2e.test_tuning import ANSWER, make_tunable_tiny_llama, task
+from tests.helpers import MODEL_CACHE, reference_model
 from tests.tuning_reference import deep_prompts_added, peft_factor_grads, peft_model
 
 K = 4
 MAX_RANK = 8
+NEW_TOKENS = 5
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +46,34 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def swarm(local_swarm, folder):
+def adapter(folder, tmp_path_factory) -> Path:
+    """A LoRA adapter on q/v/down with non-zero B, saved in PEFT format by ``LoraTuning.save_pretrained``."""
+    spec = resolve_model(str(folder), MODEL_CACHE).spec
+    lora = LoraTuning.create(spec, rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"), seed=5)
+    with torch.no_grad():
+        for b in lora.lora_B.values():
+            b.normal_(0, 0.3, generator=torch.Generator().manual_seed(6))
+    path = tmp_path_factory.mktemp("adapters") / "mine"
+    lora.save_pretrained(path, base_model=str(folder))
+    return path
+
+
+@pytest.fixture(scope="module")
+def servers(local_swarm, folder, adapter):
     limits = ("--max-lora-rank", str(MAX_RANK), "--max-prompt-tokens", "16")
-    servers = [local_swarm.start_server(str(folder), span, *limits, wait=False) for span in ("0:2", "2:4")]
-    for server in servers:
-        local_swarm.wait_ready(server)
+    with_adapter = ("--adapters", f"mine={adapter}")
+    children = [
+        local_swarm.start_server(str(folder), "0:2", *limits, *with_adapter, wait=False),
+        local_swarm.start_server(str(folder), "2:4", *limits, *with_adapter, wait=False),
+        local_swarm.start_server(str(folder), "1:3", *limits, wait=False),
+    ]
+    for child in children:
+        local_swarm.wait_ready(child)
+    return children
+
+
+@pytest.fixture(scope="module")
+def swarm(local_swarm, servers):
     return local_swarm
 
 
@@ -195,7 +233,8 @@ BAD_TRAINABLES = {
 def test_servers_refuse_malformed_trainables_and_keep_serving(lora_model, case):
     spec, tensors, message = BAD_TRAINABLES[case]
     run, client = lora_model._loop.run, lora_model.client
-    hop = run(client.route(lora_model.model_id))[0]
+    coverage = run(client.model_coverage(lora_model.model_id))
+    hop = Hop(next(srv for srv in coverage.servers if (srv.start, srv.end) == (0, 2)), 0, 2)
     hidden = torch.randn(1, 3, 64)
     with pytest.raises(BadRequestError, match=re.escape(message)):
         run(call_forward(client, lora_model.model_id, hop, hidden, SpanTensors(spec, tuple(tensors))))
@@ -206,3 +245,85 @@ def test_servers_refuse_malformed_trainables_and_keep_serving(lora_model, case):
         run(call_forward(client, lora_model.model_id, hop, hidden, good)),
         run(call_forward(client, lora_model.model_id, hop, hidden)),
     )
+
+
+def merged_greedy(folder: Path, adapter: Path | None, input_ids: torch.Tensor) -> torch.Tensor:
+    reference = reference_model(folder)
+    if adapter is not None:
+        reference = PeftModel.from_pretrained(reference, adapter).merge_and_unload()
+    with torch.inference_mode():
+        return reference.generate(
+            input_ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+
+
+def test_adapter_sessions_use_its_servers_and_match_the_merged_model(swarm, servers, folder, adapter):
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(folder), swarm.initial_peers, adapter="mine")
+    try:
+        plain_peer = servers[2].peer_id
+        for _ in range(3):  # jittered routes: none of them may use the server without the adapter
+            route = model._loop.run(model.client.route(model.model_id, adapter="mine", fresh=True))
+            assert [(h.start, h.end) for h in route] == [(0, 2), (2, 4)]
+            assert all("mine" in h.server.record.adapters for h in route)
+            assert plain_peer not in [h.peer_id for h in route]
+        questions = task(batch=2, seed=7)[0][:, :4]
+        generated = model.generate(questions, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+        assert generated.tolist() == merged_greedy(folder, adapter, questions).tolist()
+        model.adapter = None
+        base = model.generate(questions, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+        assert base.tolist() == merged_greedy(folder, None, questions).tolist()
+        assert base.tolist() != generated.tolist()
+    finally:
+        model.shutdown()
+
+
+def test_prompt_tuning_then_serving_through_the_gateway(swarm, folder, adapter, tmp_path, request):
+    model = open_model(swarm, folder, "ptune", pre_seq_len=K)
+    input_ids, labels = task()
+    questions = input_ids[:2, :4]
+    try:
+        before = model.generate(questions, max_new_tokens=len(ANSWER), eos_token_id=[])
+        optimizer = torch.optim.Adam([model.tuning.prompts], lr=0.03)
+        losses = []
+        for _ in range(30):
+            loss = model(input_ids, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        after = model.generate(questions, max_new_tokens=len(ANSWER), eos_token_id=[])
+        model_id = model.model_id
+        model.tuning.save(tmp_path / "answer.safetensors")
+    finally:
+        model.shutdown()
+    print("losses:", [round(x, 3) for x in losses])
+    assert losses[-1] < losses[0] / 2
+    assert after[:, 4:].tolist() == [ANSWER] * 2 and before[:, 4:].tolist() != [ANSWER] * 2
+
+    failures = lambda: request.session.testsfailed  # noqa: E731
+    prompts = ("--prompts", f"answer={tmp_path / 'answer.safetensors'}")
+    with running_gateway(swarm, tmp_path, MODEL_CACHE, [str(folder)], *prompts, failures=failures) as gateway:
+        with httpx.Client(base_url=gateway.base_url, timeout=60) as http:
+            ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
+            assert ids == [model_id, f"{model_id}:answer", f"{model_id}:mine"]
+
+            def complete(name: str, question: list[int], new_tokens: int) -> str:
+                body = {"model": name, "prompt": question, "max_tokens": new_tokens, "temperature": 0}
+                r = http.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+
+            tokenizer = reference_tokenizer(folder)
+            for row in range(2):
+                question = questions[row].tolist()
+                assert complete(f"{model_id}:answer", question, len(ANSWER)) == tokenizer.decode(ANSWER)
+                base = merged_greedy(folder, None, questions[row : row + 1])[0, 4:].tolist()
+                assert complete(model_id, question, NEW_TOKENS) == tokenizer.decode(base, skip_special_tokens=True)
+                merged = merged_greedy(folder, adapter, questions[row : row + 1])[0, 4:].tolist()
+                assert complete(f"{model_id}:mine", question, NEW_TOKENS) == tokenizer.decode(
+                    merged, skip_special_tokens=True
+                )
+
+
+def reference_tokenizer(folder: Path):
+    return AutoTokenizer.from_pretrained(folder)
