@@ -64,7 +64,8 @@ def adapter_variant(model: LoadedModel, adapter: str) -> LoadedModel:
 
 
 def with_variant(model: LoadedModel, variant: ModelVariant) -> LoadedModel:
-    derived = dataclasses.replace(model, variant=variant)
+    # Tuned prompts take positions of the context, so the user's prompt and answer get that much less.
+    derived = dataclasses.replace(model, variant=variant, context_length=model.context_length - variant.prompt_length)
     derived.token_text = model.token_text  # same tokenizer: share its decode cache
     return derived
 
