@@ -77,7 +77,8 @@ class SpanRequest(_Message):
     compression: Compression = "none"
     """How the server should compress the activations it sends back (clients compress theirs the same way)."""
     adapter: str | None = None
-    """A LoRA adapter the server serves by name (announced in its record) to apply to these blocks."""
+    """A LoRA adapter the server serves by name (announced in its record) to apply to these blocks. Servers that
+    predate adapters would ignore the field, but they announce no adapters, so routing never sends them one."""
 
     def check_version(self) -> None:
         if self.protocol_version != PROTOCOL_VERSION:
