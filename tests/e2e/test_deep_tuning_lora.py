@@ -12,20 +12,25 @@ servers 0:2 and 2:4 (both serving LoRA adapter "mine") and 1:3 (no adapter), so 
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from hivemind.proto import runtime_pb2
 from peft import PeftModel
 from transformers import AutoTokenizer
 
+from swarm.client import ClientConfig, SwarmClient
 from swarm.errors import BadRequestError
+from swarm.head import ModelHead
 from swarm.lora import LoraTuning
-from swarm.messages import LORA_TARGETS, LoraSpec, TuningSpec
+from swarm.messages import LORA_TARGETS, LoraSpec, ServerInfoResult, TuningSpec
 from swarm.model import AutoDistributedModelForCausalLM
 from swarm.routing import Hop
+from swarm.service import BlockService
 from swarm.span_call import call_backward, call_forward
 from swarm.span_tensors import SpanTensors
 from swarm.tuning import causal_lm_loss
@@ -60,7 +65,8 @@ def adapter(folder, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(local_swarm, folder, adapter):
-    limits = ("--max-lora-rank", str(MAX_RANK), "--max-prompt-tokens", "16")
+    # (a short batch wait makes concurrent sessions' steps share forwards for certain)
+    limits = ("--max-lora-rank", str(MAX_RANK), "--max-prompt-tokens", "16", "--batch-wait-ms", "20")
     with_adapter = ("--adapters", f"mine={adapter}")
     children = [
         local_swarm.start_server(str(folder), "0:2", *limits, *with_adapter, wait=False),
@@ -327,3 +333,56 @@ def test_prompt_tuning_then_serving_through_the_gateway(swarm, folder, adapter, 
 
 def reference_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
+
+
+async def greedy_session(client: SwarmClient, head: ModelHead, model_id: str, prompt: torch.Tensor, **tuning):
+    """prompt [B, S] -> NEW_TOKENS greedy tokens per row through one session (``tuning``: extras / adapter)."""
+    batch, length = prompt.shape
+    async with client.inference_session(model_id, length + NEW_TOKENS, batch_size=batch, **tuning) as session:
+        hidden, tokens = head.embed(prompt), []  # [B, S, D]
+        for _ in range(NEW_TOKENS):
+            out = await session.step(hidden)
+            picked = head.logits(out, last_only=True)[:, -1].argmax(-1)  # [B]
+            hidden = head.embed(picked.view(batch, 1))
+            tokens.append(picked.tolist())
+    return [list(row) for row in zip(*tokens, strict=True)]
+
+
+async def server_info(client: SwarmClient, peer_id: str) -> ServerInfoResult:
+    stub = BlockService.get_stub(client.p2p, client.peer(peer_id))
+    return ServerInfoResult.decode((await stub.rpc_info(runtime_pb2.ExpertRequest(), timeout=10)).metadata)
+
+
+def test_sessions_with_different_adapters_share_batches(swarm, servers, folder):
+    """An adapter session, a plain one and one with its own LoRA factors, on the same two servers at once: each
+    gets what it gets alone, and the servers ran their steps in shared forwards."""
+    resolved = resolve_model(str(folder), MODEL_CACHE)
+    head = ModelHead.load(resolved)
+    lora = LoraTuning.create(resolved.spec, rank=2, alpha=4.0, targets=("k_proj", "up_proj"), seed=8)
+    with torch.no_grad():
+        for b in lora.lora_B.values():
+            b.normal_(0, 0.3, generator=torch.Generator().manual_seed(9))
+    kinds = [{"adapter": "mine"}, {}, {"extras": lora.span_tensors().detached()}]
+    prompts = [task(batch=b, seed=10 + i)[0][:, :4] for i, b in enumerate((1, 2, 1))]
+
+    async def run() -> tuple[list, list, list]:
+        client = await SwarmClient.create(ClientConfig(initial_peers=swarm.initial_peers, max_retries=0))
+        try:
+            client.bans.ban(servers[2].peer_id)  # keep every session on the two servers with the adapter
+            model_id = resolved.model_id
+            with torch.inference_mode():
+                alone = [
+                    await greedy_session(client, head, model_id, p, **k) for p, k in zip(prompts, kinds, strict=True)
+                ]
+                together = await asyncio.gather(
+                    *(greedy_session(client, head, model_id, p, **k) for p, k in zip(prompts, kinds, strict=True))
+                )
+            return alone, list(together), [await server_info(client, s.peer_id) for s in servers[:2]]
+        finally:
+            await client.shutdown()
+
+    alone, together, infos = asyncio.run(run())
+    assert together == alone
+    assert len({str(x) for x in alone}) == 3  # three different models, in effect
+    for info in infos:
+        assert info.max_batch_sessions_seen >= 3 and info.batched_steps > 0, info
