@@ -95,8 +95,6 @@ class AutoDistributedModelForCausalLM(torch.nn.Module):
         self.client = client
         self._loop = loop
         self.blocks = RemoteBlocks(client, resolved.model_id, 0, resolved.spec.num_hidden_layers, loop.run)
-        self.adapter: str | None = None
-        """A server-side LoRA adapter (by name) for inference sessions (``generate``)."""
 
     @classmethod
     def from_pretrained(
@@ -127,6 +125,15 @@ class AutoDistributedModelForCausalLM(torch.nn.Module):
         model = cls(resolved, head, client, loop, tuning)
         model.adapter = adapter
         return model
+
+    @property
+    def adapter(self) -> str | None:
+        """A LoRA adapter served by name (``--adapters``) for forward, backward and sessions; None: the base model."""
+        return self.blocks.adapter
+
+    @adapter.setter
+    def adapter(self, name: str | None) -> None:
+        self.blocks.adapter = name
 
     @property
     def model_id(self) -> str:

@@ -96,8 +96,11 @@ class RemoteBlocks:
         *,
         forward_call: ForwardCall = call_forward,
         backward_call: BackwardCall = call_backward,
+        adapter: str | None = None,
     ):
         self.client = client
+        self.adapter = adapter
+        """A LoRA adapter served by name: routes use only servers announcing it, and every call asks for it."""
         self.model_id = model_id
         self.start = start
         self.end = end
@@ -129,17 +132,19 @@ class RemoteBlocks:
         start = self.start if start is None else start
         end = self.end if end is None else end
         budget = budget or _RetryBudget(self.client.config.max_retries)
-        pending = deque(await self.client.route(self.model_id, start, end))
+        pending = deque(await self._route(start, end))
         trace: list[TracedHop] = []
         while pending:
             hop = pending.popleft()
             try:
-                out = await self._forward_call(self.client, self.model_id, hop, hidden, self._rows(extras, hop))
+                out = await self._forward_call(
+                    self.client, self.model_id, hop, hidden, self._rows(extras, hop), **self._adapter_kwargs()
+                )
             except SwarmError as e:
                 budget.spend(e)
                 self._log_failover("forward", hop, e)
                 self.client.bans.ban(hop.peer_id)
-                pending.extendleft(reversed(await self.client.route(self.model_id, hop.start, hop.end, fresh=True)))
+                pending.extendleft(reversed(await self._route(hop.start, hop.end, fresh=True)))
                 continue
             trace.append(TracedHop(hop, hidden))
             hidden = out
@@ -175,7 +180,7 @@ class RemoteBlocks:
         hop = traced.hop
         try:
             grad_input, grads = await self._backward_call(
-                self.client, self.model_id, hop, traced.hidden, grad, self._rows(extras, hop)
+                self.client, self.model_id, hop, traced.hidden, grad, self._rows(extras, hop), **self._adapter_kwargs()
             )
         except SwarmError as e:
             budget.spend(e)
@@ -190,6 +195,15 @@ class RemoteBlocks:
         # The replacement route may split the span: recompute the inputs of its hops, then go back through them.
         _, sub_trace = await self.forward_traced(traced.hidden, hop.start, hop.end, budget, extras)
         return await self.backward_traced(sub_trace, grad, budget, extras, extra_grads)
+
+    async def _route(self, start: int, end: int, fresh: bool = False) -> list[Hop]:
+        if self.adapter is None:
+            return await self.client.route(self.model_id, start, end, fresh=fresh)
+        return await self.client.route(self.model_id, start, end, fresh=fresh, adapter=self.adapter)
+
+    def _adapter_kwargs(self) -> dict[str, str]:
+        """Only calls for an adapter pass one (transport fakes need not know about adapters)."""
+        return {"adapter": self.adapter} if self.adapter is not None else {}
 
     def _rows(self, extras: SpanTensors | None, hop: Hop) -> SpanTensors | None:
         """The rows of ``extras`` (which cover blocks [self.start, self.end)) for the blocks of ``hop``."""

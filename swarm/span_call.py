@@ -41,10 +41,16 @@ _TRANSPORT_ERRORS = (
 
 
 async def call_forward(
-    client: SwarmClient, model_id: str, hop: Hop, hidden: torch.Tensor, extras: SpanTensors | None = None
+    client: SwarmClient,
+    model_id: str,
+    hop: Hop,
+    hidden: torch.Tensor,
+    extras: SpanTensors | None = None,
+    adapter: str | None = None,
 ) -> torch.Tensor:
-    """hidden [B, S, D] through the hop's blocks (with ``extras``: the hop's rows of per-block trainables)."""
-    meta = _forward_request(client, model_id, hop, extras)
+    """hidden [B, S, D] through the hop's blocks (with ``extras``: the hop's rows of per-block trainables; with
+    ``adapter``: a LoRA adapter the server serves by name)."""
+    meta = _forward_request(client, model_id, hop, extras, adapter)
     request = runtime_pb2.ExpertRequest(tensors=_encode_all(client, [hidden], extras), metadata=meta.encode())
     response = await _unary(client, hop, "rpc_forward", request)
     return decode(response.tensors[0]).to(hidden.dtype)
@@ -57,9 +63,10 @@ async def call_backward(
     hidden: torch.Tensor,
     grad_output: torch.Tensor,
     extras: SpanTensors | None = None,
+    adapter: str | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """-> (gradient for ``hidden``, gradients for ``extras``' tensors in their order)."""
-    meta = _forward_request(client, model_id, hop, extras)
+    meta = _forward_request(client, model_id, hop, extras, adapter)
     tensors = _encode_all(client, [hidden, grad_output], extras)
     request = runtime_pb2.ExpertRequest(tensors=tensors, metadata=meta.encode())
     response = await _unary(client, hop, "rpc_backward", request)
@@ -71,8 +78,11 @@ async def call_backward(
     return grads[0].to(hidden.dtype), extra_grads
 
 
-def _forward_request(client: SwarmClient, model_id: str, hop: Hop, extras: SpanTensors | None) -> ForwardRequest:
+def _forward_request(
+    client: SwarmClient, model_id: str, hop: Hop, extras: SpanTensors | None, adapter: str | None
+) -> ForwardRequest:
     return ForwardRequest(
+        adapter=adapter,
         model_id=model_id,
         start=hop.start,
         end=hop.end,

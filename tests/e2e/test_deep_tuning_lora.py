@@ -275,6 +275,10 @@ def test_adapter_sessions_use_its_servers_and_match_the_merged_model(swarm, serv
         questions = task(batch=2, seed=7)[0][:, :4]
         generated = model.generate(questions, max_new_tokens=NEW_TOKENS, eos_token_id=[])
         assert generated.tolist() == merged_greedy(folder, adapter, questions).tolist()
+        # forward (rpc_forward, as training on top of the adapter would use) applies it too
+        merged = PeftModel.from_pretrained(reference_model(folder), adapter).merge_and_unload()
+        with torch.inference_mode():
+            torch.testing.assert_close(model(generated).logits, merged(generated).logits, atol=1e-4, rtol=1e-4)
         model.adapter = None
         base = model.generate(questions, max_new_tokens=NEW_TOKENS, eos_token_id=[])
         assert base.tolist() == merged_greedy(folder, None, questions).tolist()
