@@ -18,6 +18,7 @@ from gateway.embedded import EmbeddedSwarm, ready_banner, wait_until_served
 from gateway.errors import install_error_handlers
 from gateway.generation.model import LoadedModel, ModelLoader, load_model
 from gateway.generation.protocols import SwarmClientLike
+from gateway.generation.variants import parse_prompts_option, prompt_variant, public_id
 from gateway.instrumentation import MetricsMiddleware, ObservedSwarm
 from gateway.limits import RateLimiter
 from gateway.metrics import GatewayMetrics
@@ -47,6 +48,20 @@ def connect_inspector(swarm: SwarmClientLike) -> SwarmInspectorLike:
     from swarm.probe import SwarmInspector
 
     return SwarmInspector(swarm)  # type: ignore[arg-type]
+
+
+def load_prompt_variants(settings: GatewaySettings, loaded: dict[str, LoadedModel]) -> dict[str, LoadedModel]:
+    """``--prompts NAME=PATH`` -> {``MODEL:NAME``: the first model with those prompts}."""
+    if not settings.prompts:
+        return {}
+    model = next(iter(loaded.values()))
+    variants = {}
+    for option in settings.prompts:
+        name, path = parse_prompts_option(option)
+        variant = prompt_variant(model, name, path)
+        variants[public_id(variant)] = variant
+        logger.info("serving tuned prompts %s from %s as %s", name, path, public_id(variant))
+    return variants
 
 
 def create_app(
@@ -83,7 +98,8 @@ def create_app(
             blocks = {m.model_id: m.num_blocks for m in loaded.values()}
             app.state.swarm_view = SwarmView(inspector_factory(swarm), blocks, metrics)
             observed = ObservedSwarm(swarm, metrics)
-            app.state.gateway = GatewayState(settings=settings, swarm=observed, models=loaded)
+            variants = await asyncio.to_thread(load_prompt_variants, settings, loaded)
+            app.state.gateway = GatewayState(settings=settings, swarm=observed, models=loaded, prompt_variants=variants)
             logger.info("gateway ready: models %s, peers %s", ", ".join(loaded), " ".join(peers))
             yield
             logger.info("gateway shutting down")

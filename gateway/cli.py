@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="multiaddrs of swarm peers to join; omit to start an embedded local swarm",
     )  # fmt: skip
     serve.add_argument("--models", nargs="+", metavar="REF", help="model references to serve")
+    serve.add_argument(
+        "--prompts", nargs="+", metavar="NAME=PATH",
+        help="tuned prompts (saved by swarm.tuning) served as model id MODEL:NAME of the first model",
+    )  # fmt: skip
     serve.add_argument("--api-keys", nargs="+", metavar="KEY", help="accepted bearer tokens (default: no auth)")
     serve.add_argument("--api-keys-file", help="file of accepted bearer tokens, one per line")
     serve.add_argument("--rate-limit-rpm", type=int, help="requests per minute per API key (default 0: no limit)")

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.generation.protocols import InferenceSessionLike, SwarmClientLike
 from gateway.metrics import GatewayMetrics
 from swarm.records import ModelCoverage
+from swarm.span_tensors import SpanTensors
 
 request_started_var: ContextVar[float | None] = ContextVar("request_started", default=None)
 
@@ -102,10 +103,18 @@ class ObservedSwarm:
 
     @asynccontextmanager
     async def inference_session(
-        self, model_id: str, *, max_length: int, batch_size: int
+        self,
+        model_id: str,
+        *,
+        max_length: int,
+        batch_size: int,
+        extras: SpanTensors | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[ObservedSession]:
         opened = time.perf_counter()
-        async with self._inner.inference_session(model_id, max_length=max_length, batch_size=batch_size) as session:
+        async with self._inner.inference_session(
+            model_id, max_length=max_length, batch_size=batch_size, extras=extras, adapter=adapter
+        ) as session:
             self._metrics.generation_opened(+1)
             try:
                 yield ObservedSession(session, model_id, self._metrics, opened)

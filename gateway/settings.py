@@ -27,6 +27,11 @@ class GatewaySettings(BaseSettings):
         default_factory=lambda: ["smollm2-135m-instruct"],
         description="Model references to serve (built-in names, HF folders or GGUF files).",
     )
+    prompts: StrList = Field(
+        default_factory=list,
+        description="Tuned prompts to serve as NAME=PATH (files saved by swarm.tuning, ptune or deep_ptune), each as "
+        "model id MODEL:NAME of the first configured model.",
+    )
     api_keys: StrList = Field(
         default_factory=list, description="Accepted bearer tokens; empty disables authentication."
     )
@@ -78,7 +83,7 @@ class GatewaySettings(BaseSettings):
     device: str = Field("cpu", description="Torch device of the local head (embeddings, norm, LM head).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Torch dtype of the local head.")
 
-    @field_validator("initial_peers", "models", "api_keys", "cors_origins", mode="before")
+    @field_validator("initial_peers", "models", "prompts", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
         """Accept a JSON list or a comma/space separated string (handy in env vars)."""
@@ -87,6 +92,15 @@ class GatewaySettings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part for part in text.replace(",", " ").split() if part]
+        return value
+
+    @field_validator("prompts", mode="after")
+    @classmethod
+    def _check_prompts(cls, value: list[str]) -> list[str]:
+        from gateway.generation.variants import parse_prompts_option  # the one parser of NAME=PATH
+
+        for option in value:
+            parse_prompts_option(option)
         return value
 
     def accepted_api_keys(self) -> list[str]:

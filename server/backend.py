@@ -23,7 +23,9 @@ import torch
 from server.batching import BatchLimits, PendingStep, plan_batch
 from server.model import BlockSpan
 from server.model.span import SpanStep
+from server.model.tuning import BlockLora, SpanTuning
 from server.sessions import Session
+from swarm.messages import TuningSpec
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +57,11 @@ class SpanBackend:
         dtype: torch.dtype,
         device: torch.device,
         limits: BatchLimits | None = None,
+        adapters: dict[str, list[BlockLora]] | None = None,
     ):
         self.span = span
+        self.adapters = adapters or {}
+        """Server-side LoRA adapters by name, one ``BlockLora`` per hosted block (``server.adapters``)."""
         self.start = start
         self.end = end
         self.dtype = dtype
@@ -88,11 +93,46 @@ class SpanBackend:
             self._wake.notify()
         return await asyncio.wrap_future(future)
 
-    async def forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        return await self._run(self._forward, hidden, start, end)
+    async def forward(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        spec: TuningSpec | None = None,
+        extras: list[torch.Tensor] | None = None,
+        adapter: str | None = None,
+    ) -> torch.Tensor:
+        """``extras``: the request's per-block trainables as ``spec`` describes them (already validated);
+        ``adapter``: the name of one of ``adapters``."""
+        return await self._run(self._forward, hidden, start, end, spec, extras or [], adapter)
 
-    async def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        return await self._run(self._backward, hidden, grad_output, start, end)
+    async def backward(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        start: int,
+        end: int,
+        spec: TuningSpec | None = None,
+        extras: list[torch.Tensor] | None = None,
+        adapter: str | None = None,
+    ) -> list[torch.Tensor]:
+        """-> [gradient for ``hidden``, then one per tensor of ``extras``]."""
+        return await self._run(self._backward, hidden, grad_output, start, end, spec, extras or [], adapter)
+
+    def session_tuning(
+        self, spec: TuningSpec | None, extras: list[torch.Tensor], adapter: str | None, start: int, end: int
+    ) -> SpanTuning | None:
+        """A session's (or request's) tuning for blocks [start, end), on the compute device."""
+        return self._tuning(spec, [t.to(self.device, self.dtype) for t in extras], adapter, start, end)
+
+    def _tuning(
+        self, spec: TuningSpec | None, tensors: list[torch.Tensor], adapter: str | None, start: int, end: int
+    ) -> SpanTuning | None:
+        tuning = SpanTuning.from_tensors(spec, tensors) if spec is not None else None
+        if adapter is None:
+            return tuning
+        rows = self.adapters[adapter][start - self.start : end - self.start]
+        return (tuning or SpanTuning()).with_adapter(rows)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         future: Future[Any] = Future()
@@ -160,6 +200,7 @@ class SpanBackend:
                         st.hidden[:, st.done : st.done + take].to(self.device, self.dtype),
                         st.session.cache,
                         st.position + st.done,
+                        st.session.tuning,
                     )
                     for st, take in plan
                 ]
@@ -186,17 +227,41 @@ class SpanBackend:
             out = st.outputs[0] if len(st.outputs) == 1 else torch.cat(st.outputs, dim=1)  # [B, S, D]
             _resolve(st.future, out.to("cpu", st.hidden.dtype))
 
-    def _forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def _forward(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        spec: TuningSpec | None = None,
+        extras: list[torch.Tensor] | None = None,
+        adapter: str | None = None,
+    ) -> torch.Tensor:
         with torch.inference_mode():
-            out = self.span(hidden.to(self.device, self.dtype), blocks=self._blocks(start, end))
+            tuning = self.session_tuning(spec, extras or [], adapter, start, end)
+            out = self.span(hidden.to(self.device, self.dtype), blocks=self._blocks(start, end), tuning=tuning)
             return out.to("cpu", hidden.dtype)
 
-    def _backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def _backward(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        start: int,
+        end: int,
+        spec: TuningSpec | None,
+        extras: list[torch.Tensor],
+        adapter: str | None = None,
+    ) -> list[torch.Tensor]:
         with torch.enable_grad():
             x = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
-            out = self.span(x, blocks=self._blocks(start, end))
-            (grad_input,) = torch.autograd.grad(out, x, grad_output.to(self.device, self.dtype))
-            return grad_input.to("cpu", hidden.dtype)
+            leaves = [t.to(self.device, self.dtype).detach().requires_grad_(True) for t in extras]
+            tuning = self._tuning(spec, leaves, adapter, start, end)
+            out = self.span(x, blocks=self._blocks(start, end), tuning=tuning)
+            grads = torch.autograd.grad(out, [x, *leaves], grad_output.to(self.device, self.dtype), allow_unused=True)
+            inputs = [hidden, *extras]
+            return [
+                (g if g is not None else torch.zeros_like(leaf)).to("cpu", original.dtype)
+                for g, leaf, original in zip(grads, [x, *leaves], inputs, strict=True)
+            ]
 
     def measure_throughput(self, hidden_size: int, steps: int = 5) -> float:
         """Blocks per second for a one-token forward (what routing divides span lengths by)."""

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("initial_peers", "host_maddrs", "announce_maddrs"):
             kwargs["nargs"] = "+"
             kwargs["metavar"] = "MADDR"
+        elif name == "adapters":
+            kwargs["nargs"] = "+"
+            kwargs["metavar"] = "NAME=PATH"
         elif _scalar_type(field.annotation) in (int, float):
             kwargs["type"] = _scalar_type(field.annotation)
         run.add_argument(flag, **kwargs)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from hivemind.dht import DHT
 
+from server.adapters import load_adapters
 from server.announce import Announcer
 from server.backend import SpanBackend
 from server.batching import BatchLimits
@@ -100,7 +101,8 @@ async def host_span(settings: ServerSettings, resolved: ResolvedModel, start: in
     weights_mb = sum(p.numel() * p.element_size() for p in span.parameters()) / 2**20
     logger.info("loaded blocks %d:%d (%.1f MiB) in %.1fs", start, end, weights_mb, time.perf_counter() - began)
     limits = BatchLimits(settings.max_batch_tokens, settings.prefill_chunk_tokens, settings.batch_wait_ms / 1000)
-    backend = SpanBackend(span, start, end, dtype, device, limits)
+    adapters = load_adapters(settings.adapters, spec, start, end, span.lora_targets, dtype, device)
+    backend = SpanBackend(span, start, end, dtype, device, limits, adapters)
     throughput = await asyncio.to_thread(backend.measure_throughput, spec.hidden_size)
     sessions = SessionRegistry(
         spec,
@@ -157,6 +159,7 @@ class BlockServer:
             public_name=self.settings.public_name,
             device=str(hosting.backend.device),
             dtype=str(hosting.backend.dtype).split(".")[-1],
+            adapters=sorted(hosting.backend.adapters),
         )
         if self.secret is not None:
             record.auth = self.secret.sign_record(record.to_wire(), self.peer_id)

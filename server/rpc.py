@@ -18,10 +18,18 @@ from server.backend import SpanBackend
 from server.metrics import ServerMetrics
 from server.sessions import Session, SessionRegistry
 from server.settings import ServerSettings
-from server.validation import check_hidden, check_span, decode_tensors
+from server.validation import check_hidden, check_span, check_tuning, decode_tensors
 from swarm.auth import SwarmSecret
 from swarm.errors import BadRequestError, ErrorPayload, ServerLeavingError, SessionError, SwarmError
-from swarm.messages import ForwardRequest, InferenceStep, OpenSession, RpcResult, ServerInfoResult, StepResult
+from swarm.messages import (
+    ForwardRequest,
+    InferenceStep,
+    OpenSession,
+    RpcResult,
+    ServerInfoResult,
+    StepResult,
+    TuningSpec,
+)
 from swarm.tensors import Compression, encode
 
 logger = logging.getLogger(__name__)
@@ -95,10 +103,12 @@ class BlockHandler:
                     return
                 try:
                     step = InferenceStep.decode(request.metadata)
+                    tensors = list(request.tensors)
                     if session is None:
-                        session = await self._open(step.open, peer)
+                        session = await self._open(step.open, peer, tensors[1:])
                         compression = step.open.compression if step.open else compression
-                    response = await self._step(session, step, request, compression)
+                        tensors = tensors[:1]  # the rest were the session's tuning tensors
+                    response = await self._step(session, step, tensors, compression)
                 except SwarmError as e:
                     logger.info("inference from %s refused: %s", peer[-8:], e)
                     self.metrics.observe_error(e.code)
@@ -135,10 +145,14 @@ class BlockHandler:
         receive.cancel()
         raise TimeoutError
 
-    async def _open(self, open_msg: OpenSession | None, peer: str) -> Session:
+    async def _open(self, open_msg: OpenSession | None, peer: str, tuning_tensors: list) -> Session:
         if open_msg is None:
             raise SessionError("the first message of an inference stream must open a session")
         self._check_span_request(open_msg, peer)
+        spec = open_msg.tuning
+        extras = decode_tensors(tuning_tensors, spec.num_tensors if spec is not None else 0)
+        if spec is not None:
+            self._check_tuning(spec, extras, open_msg.end - open_msg.start, open_msg.adapter)
         if self.leaving.is_set():
             raise ServerLeavingError("this server is leaving the swarm and takes no new sessions")
         if open_msg.max_length > self.state.max_length:
@@ -148,14 +162,16 @@ class BlockHandler:
         if open_msg.batch_size * open_msg.max_length > self.settings.max_session_length * 4:
             raise BadRequestError(f"batch {open_msg.batch_size} x length {open_msg.max_length} is too large")
         # Waits up to --alloc-timeout-s for cache pages, then refuses with the retryable ServerBusyError.
-        return await self.sessions.open(
+        session = await self.sessions.open(
             open_msg.session_id, peer, open_msg.start, open_msg.end, open_msg.batch_size, open_msg.max_length
         )
+        session.tuning = self.backend.session_tuning(spec, extras, open_msg.adapter, open_msg.start, open_msg.end)
+        return session
 
     async def _step(
-        self, session: Session, step: InferenceStep, request, compression: Compression
+        self, session: Session, step: InferenceStep, tensors: list, compression: Compression
     ) -> runtime_pb2.ExpertResponse:
-        (hidden,) = decode_tensors(request.tensors, 1)
+        (hidden,) = decode_tensors(tensors, 1)
         check_hidden(hidden, self.state.hidden_size, self.settings.max_step_tokens, session.batch_size)
         if step.position > session.length:
             raise BadRequestError(f"step position {step.position} is past the session's length {session.length}")
@@ -181,19 +197,26 @@ class BlockHandler:
         try:
             meta = ForwardRequest.decode(request.metadata)
             self._check_span_request(meta, str(context.remote_id))
-            tensors = decode_tensors(request.tensors, expected_tensors)
+            spec = meta.tuning
+            tensors = decode_tensors(request.tensors, expected_tensors + (spec.num_tensors if spec else 0))
+            tensors, extras = tensors[:expected_tensors], tensors[expected_tensors:]
             for tensor in tensors:
                 check_hidden(tensor, self.state.hidden_size, self.settings.max_step_tokens)
+            if spec is not None:
+                self._check_tuning(spec, extras, meta.end - meta.start, meta.adapter)
             began = time.perf_counter()
+            span = (meta.start, meta.end)
             if expected_tensors == 1:
-                out = await self.backend.forward(tensors[0], meta.start, meta.end)
+                outs = [await self.backend.forward(tensors[0], *span, spec, extras, meta.adapter)]
             else:
                 if tensors[0].shape != tensors[1].shape:
                     raise BadRequestError("grad_output must have the shape of the hidden states")
-                out = await self.backend.backward(tensors[0], tensors[1], meta.start, meta.end)
+                outs = await self.backend.backward(tensors[0], tensors[1], *span, spec, extras, meta.adapter)
             kind = "forward" if expected_tensors == 1 else "backward"
             self.metrics.observe_step(kind, tensors[0].shape[0], tensors[0].shape[1], time.perf_counter() - began)
-            return runtime_pb2.ExpertResponse(tensors=[encode(out, meta.compression)], metadata=RpcResult().encode())
+            # Activations (and their gradient) as the client asked; gradients of trainables always exact.
+            encoded = [encode(outs[0], meta.compression)] + [encode(g) for g in outs[1:]]
+            return runtime_pb2.ExpertResponse(tensors=encoded, metadata=RpcResult().encode())
         except SwarmError as e:
             logger.info("request from %s refused: %s", str(context.remote_id)[-8:], e)
             self.metrics.observe_error(e.code)
@@ -217,6 +240,15 @@ class BlockHandler:
         )
         return runtime_pb2.ExpertResponse(metadata=info.encode())
 
+    def _check_tuning(self, spec: TuningSpec, extras: list, num_blocks: int, adapter: str | None) -> None:
+        if adapter is not None and spec.lora is not None:
+            raise BadRequestError("a request may carry its own LoRA factors or name an adapter, not both")
+        span = self.backend.span
+        check_tuning(
+            spec, extras, num_blocks, span.spec, span.lora_targets,
+            self.settings.max_prompt_tokens, self.settings.max_lora_rank,
+        )  # fmt: skip
+
     def _check_span_request(self, meta: ForwardRequest | OpenSession, peer: str) -> None:
         if self.secret is not None:
             self.secret.check(meta.auth, peer, self.peer_id)
@@ -224,6 +256,9 @@ class BlockHandler:
         if meta.model_id != self.state.model_id:
             raise BadRequestError(f"this server serves {self.state.model_id!r}, not {meta.model_id!r}")
         check_span(meta.start, meta.end, self.state.start, self.state.end)
+        if meta.adapter is not None and meta.adapter not in self.backend.adapters:
+            served = ", ".join(sorted(self.backend.adapters)) or "none"
+            raise BadRequestError(f"this server does not serve adapter {meta.adapter!r} (it serves: {served})")
 
 
 def _step_error(payload: ErrorPayload) -> runtime_pb2.ExpertResponse:

@@ -11,6 +11,7 @@ import torch
 
 from server.kv_cache import PageAllocator
 from server.model import SpanCache
+from server.model.tuning import SpanTuning
 from swarm.config import ModelSpec
 from swarm.errors import ServerBusyError
 
@@ -32,6 +33,8 @@ class Session:
     pages: int = 0
     """Cache pages reserved for this session (given back on close)."""
     last_active: float = field(default_factory=time.monotonic)
+    tuning: SpanTuning | None = None
+    """Deep prompts / LoRA factors sent when the session opened, applied to each of its steps."""
 
 
 @dataclass(frozen=True)

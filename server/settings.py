@@ -70,6 +70,16 @@ class ServerSettings(BaseSettings):
         description="wait up to this long for other active sessions' steps before a batch runs; ends early once "
         "they have all arrived, so a lone session never waits (0: never wait)",
     )
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="LoRA adapters to serve, as NAME=PATH of PEFT folders; clients name one per session",
+    )
+    max_lora_rank: int = Field(
+        64, gt=0, description="highest rank of client-side LoRA factors a request may carry (larger are refused)"
+    )
+    max_prompt_tokens: int = Field(
+        256, gt=0, description="most deep prompts (pre_seq_len) per block a request may carry (more are refused)"
+    )
     announce_period_s: float = Field(5.0, gt=0, description="how often the server re-announces itself")
     rebalance_period_s: float = Field(
         60.0, ge=0, description="with --blocks: how often to check whether moving would help the swarm (0: never)"
@@ -90,6 +100,15 @@ class ServerSettings(BaseSettings):
     def _check_indices(cls, value: str | None) -> str | None:
         if value is not None:
             parse_block_indices(value)
+        return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapters(cls, value: list[str]) -> list[str]:
+        from server.adapters import parse_adapter_option  # the one parser of NAME=PATH
+
+        for option in value:
+            parse_adapter_option(option)
         return value
 
     def span(self) -> tuple[int, int] | None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from hivemind.proto import runtime_pb2
 
+from swarm.config import ModelSpec
 from swarm.errors import BadRequestError
+from swarm.lora import lora_shapes
+from swarm.messages import TuningSpec
 from swarm.tensors import WIRE_DTYPES, decode
 
 
@@ -43,3 +47,46 @@ def check_hidden(
 def check_span(start: int, end: int, hosted_start: int, hosted_end: int) -> None:
     if not hosted_start <= start < end <= hosted_end:
         raise BadRequestError(f"blocks {start}:{end} are not within this server's blocks {hosted_start}:{hosted_end}")
+
+
+def check_tuning(
+    spec: TuningSpec,
+    tensors: Sequence[torch.Tensor],
+    num_blocks: int,
+    model: ModelSpec,
+    lora_targets: Sequence[str],
+    max_prompt_tokens: int,
+    max_lora_rank: int,
+) -> None:
+    """Per-block trainables (``TuningSpec``) must have the shapes the model and the span imply, within limits."""
+    if len(tensors) != spec.num_tensors:
+        raise BadRequestError(
+            f"tuning spec {spec.model_dump()} implies {spec.num_tensors} tensor(s), got {len(tensors)}"
+        )
+    expected: list[tuple[str, tuple[int, ...]]] = []
+    if spec.prompts:
+        if spec.prompts > max_prompt_tokens:
+            raise BadRequestError(f"{spec.prompts} deep prompts are over this server's limit of {max_prompt_tokens}")
+        expected.append(("deep prompts", (num_blocks, spec.prompts, model.hidden_size)))
+    if spec.lora is not None:
+        lora = spec.lora
+        if lora.rank > max_lora_rank:
+            raise BadRequestError(f"LoRA rank {lora.rank} is over this server's limit of {max_lora_rank}")
+        if not math.isfinite(lora.alpha):
+            raise BadRequestError(f"LoRA alpha must be finite, got {lora.alpha}")
+        if len(set(lora.targets)) != len(lora.targets):
+            raise BadRequestError(f"LoRA targets repeat: {list(lora.targets)}")
+        unknown = [t for t in lora.targets if t not in lora_targets]
+        if unknown:
+            supported = ", ".join(lora_targets) or "none (this model family takes no LoRA)"
+            raise BadRequestError(f"unknown LoRA target(s) {unknown}; this server supports: {supported}")
+        shapes = lora_shapes(model)
+        for target in lora.targets:
+            d_in, d_out = shapes[target]
+            expected.append((f"{target} lora_A", (num_blocks, lora.rank, d_in)))
+            expected.append((f"{target} lora_B", (num_blocks, d_out, lora.rank)))
+    for tensor, (name, shape) in zip(tensors, expected, strict=True):
+        if tuple(tensor.shape) != shape:
+            raise BadRequestError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise BadRequestError(f"{name} contain NaN or infinity")

@@ -13,8 +13,10 @@ Layers, bottom up:
   routing    -- pure choice of a chain of servers that covers every block
   dht        -- announce / look up records in a hivemind DHT
   client     -- async inference sessions and forward passes over a route
+  span_tensors -- per-block trainables (deep prompts, LoRA factors) that travel with span requests
   remote_autograd -- remote blocks as a differentiable function (rpc_forward / rpc_backward hop by hop)
-  tuning     -- prompt tuning (trainable prompts, save/load) and the causal-LM loss
+  lora       -- client-side LoRA factors for remote blocks, saved and loaded in PEFT format
+  tuning     -- tuning modes (ptune, deep_ptune, lora), prompts save/load, and the causal-LM loss
   model      -- AutoDistributedModelForCausalLM, a Hugging Face style front end
 
 The package imports no web framework; ``gateway`` and ``server`` both depend on it, never on each other.

@@ -29,6 +29,7 @@ from swarm.records import ModelCoverage
 from swarm.remote_autograd import RemoteBlocks
 from swarm.routing import Hop, choose_route, missing_blocks
 from swarm.session import InferenceSession
+from swarm.span_tensors import SpanTensors
 from swarm.tensors import Compression
 
 logger = logging.getLogger(__name__)
@@ -141,11 +142,18 @@ class SwarmClient:
             self._refreshing.pop(model_id, None)
 
     async def route(
-        self, model_id: str, start: int = 0, end: int | None = None, fresh: bool = False, cache_tokens: int = 0
+        self,
+        model_id: str,
+        start: int = 0,
+        end: int | None = None,
+        fresh: bool = False,
+        cache_tokens: int = 0,
+        adapter: str | None = None,
     ) -> list[Hop]:
         """Cheapest chain of servers for blocks [start, end), by measured latency and announced throughput.
 
         Servers announcing less cache room than ``cache_tokens`` are avoided while others can serve the blocks.
+        With ``adapter``, only servers that announce that LoRA adapter are used.
         """
         coverage = await self.model_coverage(model_id, fresh=fresh)
         if coverage.num_blocks == 0:
@@ -159,16 +167,28 @@ class SwarmClient:
                 return choose_route(
                     coverage, start, end, banned=avoid, latencies=self.latencies.snapshot(),
                     measured_throughputs=self.throughputs.snapshot(),
-                    jitter=self.config.route_jitter,
+                    jitter=self.config.route_jitter, adapter=adapter,
                 )  # fmt: skip
             except MissingBlocksError:
                 continue
         if fresh:
-            raise MissingBlocksError(model_id, missing_blocks(coverage, banned))
-        return await self.route(model_id, start, end, fresh=True, cache_tokens=cache_tokens)
+            named = model_id if adapter is None else f"{model_id}:{adapter}"
+            raise MissingBlocksError(named, missing_blocks(coverage, banned, adapter))
+        return await self.route(model_id, start, end, fresh=True, cache_tokens=cache_tokens, adapter=adapter)
 
-    def inference_session(self, model_id: str, max_length: int, batch_size: int = 1) -> InferenceSession:
-        return InferenceSession(self, model_id, max_length=max_length, batch_size=batch_size)
+    def inference_session(
+        self,
+        model_id: str,
+        max_length: int,
+        batch_size: int = 1,
+        extras: SpanTensors | None = None,
+        adapter: str | None = None,
+    ) -> InferenceSession:
+        """``extras``: per-block trainables for all blocks of the model, applied by the servers to every step;
+        ``adapter``: a LoRA adapter the servers serve by name (only servers announcing it are used)."""
+        return InferenceSession(
+            self, model_id, max_length=max_length, batch_size=batch_size, extras=extras, adapter=adapter
+        )
 
     def peer(self, peer_id: str) -> PeerID:
         return PeerID.from_base58(peer_id)

@@ -29,6 +29,42 @@ class _Message(BaseModel):
             raise BadRequestError(f"malformed {cls.__name__}: {e.errors(include_url=False)}") from None
 
 
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Linears of a decoder block that client-side LoRA may adapt (Hugging Face names of Llama-style layers)."""
+
+
+class LoraSpec(_Message):
+    """Client-side LoRA on the span: ``y = W x + (alpha / rank) * B A x`` for each target linear."""
+
+    rank: int = Field(gt=0)
+    alpha: float
+    targets: tuple[str, ...] = Field(min_length=1)
+    """Checked by the server (known names, no repeats), so that a bad name gets a clear error."""
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class TuningSpec(_Message):
+    """Trainable tensors that travel after a request's hidden states (and grad_output), in this order, each with
+    the span's blocks on dim 0 (N = end - start):
+
+        deep prompts [N, K, D]                       if ``prompts`` = K > 0: added to positions [0, K) before each block
+        A [N, rank, in], B [N, out, rank]            for each of ``lora.targets``, in that order
+
+    rpc_backward answers with the gradient for the hidden states, then one per trainable tensor, same order.
+    A server without tuning support refuses such requests by their tensor count, never silently ignores them.
+    """
+
+    prompts: int = Field(0, ge=0)
+    lora: LoraSpec | None = None
+
+    @property
+    def num_tensors(self) -> int:
+        return (1 if self.prompts else 0) + (2 * len(self.lora.targets) if self.lora else 0)
+
+
 class SpanRequest(_Message):
     """Which blocks of which model a request is for."""
 
@@ -40,6 +76,9 @@ class SpanRequest(_Message):
     """Proof of the swarm secret (private swarms only; ``swarm.auth``)."""
     compression: Compression = "none"
     """How the server should compress the activations it sends back (clients compress theirs the same way)."""
+    adapter: str | None = None
+    """A LoRA adapter the server serves by name (announced in its record) to apply to these blocks. Servers that
+    predate adapters would ignore the field, but they announce no adapters, so routing never sends them one."""
 
     def check_version(self) -> None:
         if self.protocol_version != PROTOCOL_VERSION:
@@ -52,10 +91,12 @@ class OpenSession(SpanRequest):
     session_id: str = Field(min_length=1, max_length=64)
     max_length: int = Field(gt=0)
     batch_size: int = Field(default=1, gt=0)
+    tuning: TuningSpec | None = None
+    """Trainable tensors for every step of the session; they follow the hidden states of the opening step."""
 
 
 class InferenceStep(_Message):
-    """One step of an inference stream; tensors: [hidden [B, S, D]]."""
+    """One step of an inference stream; tensors: [hidden [B, S, D]] (+ the session's tuning tensors when opening)."""
 
     open: OpenSession | None = None
     position: int = Field(ge=0, description="position of the first token of this step in the session")
@@ -71,7 +112,10 @@ class StepResult(_Message):
 
 
 class ForwardRequest(SpanRequest):
-    """Stateless forward; tensors: [hidden [B, S, D]]. For backward, tensors: [hidden, grad_output]."""
+    """Stateless forward; tensors: [hidden [B, S, D]]. For backward, tensors: [hidden, grad_output].
+    With ``tuning``, its tensors follow (``TuningSpec``)."""
+
+    tuning: TuningSpec | None = None
 
 
 class RpcResult(_Message):

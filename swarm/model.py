@@ -28,7 +28,7 @@ from swarm.head import ModelHead
 from swarm.remote_autograd import RemoteBlocks
 from swarm.sampling import SamplingParams, sample
 from swarm.session import InferenceSession
-from swarm.tuning import PromptTuning, causal_lm_loss, make_tuning
+from swarm.tuning import Tuning, causal_lm_loss, make_tuning
 from swarm.weights import ResolvedModel, resolve_model
 
 T = TypeVar("T")
@@ -85,7 +85,7 @@ class AutoDistributedModelForCausalLM(torch.nn.Module):
         head: ModelHead,
         client: SwarmClient,
         loop: _LoopThread,
-        tuning: PromptTuning | None = None,
+        tuning: Tuning | None = None,
     ):
         super().__init__()
         self.resolved = resolved
@@ -109,15 +109,31 @@ class AutoDistributedModelForCausalLM(torch.nn.Module):
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
         prompts_path: Path | str | None = None,
+        lora: dict | None = None,
+        adapter: str | None = None,
     ) -> AutoDistributedModelForCausalLM:
-        """``tuning_mode="ptune"`` adds ``pre_seq_len`` trainable prompts (or those saved at ``prompts_path``)."""
+        """``tuning_mode="ptune"`` / ``"deep_ptune"`` add ``pre_seq_len`` trainable prompts (or those saved at
+        ``prompts_path``); ``"lora"`` adds LoRA factors, ``lora={"rank": 8, "alpha": 16, "targets": (...)}`` or
+        ``lora={"path": peft_folder}`` (``swarm.tuning.make_tuning``). ``adapter`` names a LoRA adapter that
+        servers serve (``--adapters``): inference sessions then run on servers announcing it."""
         resolved = resolve_model(ref, cache_dir or DEFAULT_CACHE_DIR, model_id)
         head = ModelHead.load(resolved, dtype, "cpu")
-        tuning = make_tuning(tuning_mode, head, pre_seq_len, prompts_path)
+        tuning = make_tuning(tuning_mode, head, pre_seq_len, prompts_path, lora)
         loop = _LoopThread()
         config = client_config or ClientConfig(initial_peers=list(initial_peers))
         client = loop.run(SwarmClient.create(config))
-        return cls(resolved, head, client, loop, tuning)
+        model = cls(resolved, head, client, loop, tuning)
+        model.adapter = adapter
+        return model
+
+    @property
+    def adapter(self) -> str | None:
+        """A LoRA adapter served by name (``--adapters``) for forward, backward and sessions; None: the base model."""
+        return self.blocks.adapter
+
+    @adapter.setter
+    def adapter(self, name: str | None) -> None:
+        self.blocks.adapter = name
 
     @property
     def model_id(self) -> str:
@@ -135,9 +151,11 @@ class AutoDistributedModelForCausalLM(torch.nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, D]
+        extras = None
         if self.tuning is not None:
             hidden = self.tuning.prepend(hidden)  # [B, K + S, D]
-        hidden = self.blocks(hidden)
+            extras = self.tuning.span_tensors()  # deep prompts / LoRA factors, sent to the servers
+        hidden = self.blocks(hidden, extras)
         if self.tuning is not None:
             hidden = self.tuning.strip(hidden)  # [B, S, D]
         logits = self.head.logits(hidden)
@@ -145,7 +163,11 @@ class AutoDistributedModelForCausalLM(torch.nn.Module):
         return CausalLMOutput(logits=logits, loss=loss)
 
     def inference_session(self, max_length: int, batch_size: int = 1) -> SyncInferenceSession:
-        session = self.client.inference_session(self.model_id, max_length=max_length, batch_size=batch_size)
+        """A session that applies the tuning's per-block tensors (deep prompts, LoRA) as they are now."""
+        extras = self.tuning.span_tensors() if self.tuning is not None else None
+        session = self.client.inference_session(
+            self.model_id, max_length=max_length, batch_size=batch_size, extras=extras, adapter=self.adapter
+        )
         return SyncInferenceSession(self, session)
 
     @torch.inference_mode()

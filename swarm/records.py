@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,16 @@ class ServerRecord(BaseModel):
     public_name: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    adapters: list[str] = Field(default_factory=list)
+    """Names of the LoRA adapters this server applies on request (``--adapters``); older servers announce none."""
     auth: str | None = None
     """Private swarms: the server's HMAC of this record under the swarm secret (``swarm.auth``)."""
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _tolerate_adapters(cls, value: Any) -> list[str]:
+        """A garbled adapter list costs only the adapters, not the whole record."""
+        return [a for a in value if isinstance(a, str)] if isinstance(value, list) else []
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

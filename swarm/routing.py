@@ -26,9 +26,9 @@ class Hop:
         return self.server.peer_id
 
 
-def missing_blocks(coverage: ModelCoverage, banned: Collection[str] = ()) -> list[int]:
+def missing_blocks(coverage: ModelCoverage, banned: Collection[str] = (), adapter: str | None = None) -> list[int]:
     covered = [False] * coverage.num_blocks
-    for server in _usable(coverage.servers, banned):
+    for server in _usable(coverage.servers, banned, adapter):
         for i in range(server.start, min(server.end, coverage.num_blocks)):
             covered[i] = True
     return [i for i, ok in enumerate(covered) if not ok]
@@ -44,6 +44,7 @@ def choose_route(
     measured_throughputs: Mapping[str, float] | None = None,
     jitter: float = 0.0,
     rng: random.Random | None = None,
+    adapter: str | None = None,
 ) -> list[Hop]:
     """Cheapest chain covering [start, end): sum over hops of latency + blocks / throughput.
 
@@ -52,12 +53,13 @@ def choose_route(
 
     Dynamic programming over block boundaries; a server hosting [s, e) may serve any sub-span of it.
     ``jitter`` (0..1) randomises costs multiplicatively so concurrent sessions spread over redundant servers.
+    With ``adapter``, only servers announcing that LoRA adapter take part.
     """
     end = coverage.num_blocks if end is None else end
     latencies = latencies or {}
     measured = measured_throughputs or {}
     rng = rng or random.Random()
-    servers = [s for s in _usable(coverage.servers, banned) if s.start < end and s.end > start]
+    servers = [s for s in _usable(coverage.servers, banned, adapter) if s.start < end and s.end > start]
     # One noise factor per server (not per edge), so splitting one server's span into two hops never pays.
     noise = {s.peer_id: 1.0 + jitter * rng.random() for s in servers}
     # best[p] = (cost to have blocks [start, p) computed, previous hop)
@@ -78,7 +80,8 @@ def choose_route(
                 if stop not in best or cost < best[stop][0]:
                     best[stop] = (cost, Hop(server, pos, stop))
     if end not in best:
-        raise MissingBlocksError(coverage.model_id, missing_blocks(coverage, banned) or list(range(start, end)))
+        missing = missing_blocks(coverage, banned, adapter) or list(range(start, end))
+        raise MissingBlocksError(coverage.model_id if adapter is None else f"{coverage.model_id}:{adapter}", missing)
     route: list[Hop] = []
     pos = end
     while pos != start:
@@ -89,5 +92,11 @@ def choose_route(
     return route[::-1]
 
 
-def _usable(servers: list[RemoteServer], banned: Collection[str]) -> list[RemoteServer]:
-    return [s for s in servers if s.record.state == ServerState.ONLINE and s.peer_id not in banned]
+def _usable(servers: list[RemoteServer], banned: Collection[str], adapter: str | None = None) -> list[RemoteServer]:
+    return [
+        s
+        for s in servers
+        if s.record.state == ServerState.ONLINE
+        and s.peer_id not in banned
+        and (adapter is None or adapter in s.record.adapters)
+    ]

@@ -19,6 +19,7 @@ from swarm.errors import BadRequestError, SwarmError
 from swarm.messages import OpenSession
 from swarm.routing import Hop
 from swarm.span_call import SpanStream
+from swarm.span_tensors import SpanTensors
 
 if TYPE_CHECKING:
     from swarm.client import SwarmClient
@@ -50,8 +51,21 @@ class _Span:
 class InferenceSession:
     """Async context manager; ``step`` runs hidden states through every block with per-server KV caches."""
 
-    def __init__(self, client: SwarmClient, model_id: str, max_length: int, batch_size: int = 1):
+    def __init__(
+        self,
+        client: SwarmClient,
+        model_id: str,
+        max_length: int,
+        batch_size: int = 1,
+        extras: SpanTensors | None = None,
+        adapter: str | None = None,
+    ):
         self.client = client
+        self.adapter = adapter
+        """A LoRA adapter served by name: routes use only servers announcing it, each stream asks for it."""
+        self.extras = extras.detached() if extras is not None else None
+        """Per-block tensors for every block of the model (deep prompts, LoRA factors) that each server applies to
+        every step; each span's stream sends its rows when it opens."""
         self.model_id = model_id
         self.max_length = max_length
         self.batch_size = batch_size
@@ -71,7 +85,9 @@ class InferenceSession:
         await self.close()
 
     async def open(self) -> None:
-        route = await self.client.route(self.model_id, cache_tokens=self.batch_size * self.max_length)
+        route = await self.client.route(
+            self.model_id, cache_tokens=self.batch_size * self.max_length, adapter=self.adapter
+        )
         self._spans = [_Span(self._stream(hop)) for hop in route]
         logger.info(
             "session %s: model %s route %s",
@@ -144,7 +160,12 @@ class InferenceSession:
         self.client.bans.ban(hop.peer_id)
         await failed.stream.close()
         route = await self.client.route(
-            self.model_id, hop.start, hop.end, fresh=True, cache_tokens=self.batch_size * self.max_length
+            self.model_id,
+            hop.start,
+            hop.end,
+            fresh=True,
+            cache_tokens=self.batch_size * self.max_length,
+            adapter=self.adapter,
         )
         replacements = [_Span(self._stream(new_hop)) for new_hop in route]
         if position > 0:
@@ -179,8 +200,11 @@ class InferenceSession:
             max_length=self.max_length,
             batch_size=self.batch_size,
             compression=self.client.config.compression,
+            tuning=self.extras.spec if self.extras is not None else None,
+            adapter=self.adapter,
         )
-        return SpanStream(self.client, hop, open_msg)
+        extras = self.extras.slice(hop.start, hop.end) if self.extras is not None else None
+        return SpanStream(self.client, hop, open_msg, extras)
 
     async def close(self) -> None:
         if self._closed:

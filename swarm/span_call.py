@@ -22,6 +22,7 @@ from swarm.errors import PeerUnreachableError, SwarmError, error_from_payload
 from swarm.messages import ForwardRequest, InferenceStep, OpenSession, RpcResult, StepResult
 from swarm.routing import Hop
 from swarm.service import BlockService
+from swarm.span_tensors import SpanTensors
 from swarm.tensors import decode, encode
 
 if TYPE_CHECKING:
@@ -39,27 +40,65 @@ _TRANSPORT_ERRORS = (
 )
 
 
-async def call_forward(client: SwarmClient, model_id: str, hop: Hop, hidden: torch.Tensor) -> torch.Tensor:
-    compression = client.config.compression
-    meta = ForwardRequest(
-        model_id=model_id, start=hop.start, end=hop.end, auth=prove(client, hop), compression=compression
-    )
-    request = runtime_pb2.ExpertRequest(tensors=[encode(hidden, compression)], metadata=meta.encode())
+async def call_forward(
+    client: SwarmClient,
+    model_id: str,
+    hop: Hop,
+    hidden: torch.Tensor,
+    extras: SpanTensors | None = None,
+    adapter: str | None = None,
+) -> torch.Tensor:
+    """hidden [B, S, D] through the hop's blocks (with ``extras``: the hop's rows of per-block trainables; with
+    ``adapter``: a LoRA adapter the server serves by name)."""
+    meta = _forward_request(client, model_id, hop, extras, adapter)
+    request = runtime_pb2.ExpertRequest(tensors=_encode_all(client, [hidden], extras), metadata=meta.encode())
     response = await _unary(client, hop, "rpc_forward", request)
     return decode(response.tensors[0]).to(hidden.dtype)
 
 
 async def call_backward(
-    client: SwarmClient, model_id: str, hop: Hop, hidden: torch.Tensor, grad_output: torch.Tensor
-) -> torch.Tensor:
-    compression = client.config.compression
-    meta = ForwardRequest(
-        model_id=model_id, start=hop.start, end=hop.end, auth=prove(client, hop), compression=compression
-    )
-    tensors = [encode(hidden, compression), encode(grad_output, compression)]
+    client: SwarmClient,
+    model_id: str,
+    hop: Hop,
+    hidden: torch.Tensor,
+    grad_output: torch.Tensor,
+    extras: SpanTensors | None = None,
+    adapter: str | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """-> (gradient for ``hidden``, gradients for ``extras``' tensors in their order)."""
+    meta = _forward_request(client, model_id, hop, extras, adapter)
+    tensors = _encode_all(client, [hidden, grad_output], extras)
     request = runtime_pb2.ExpertRequest(tensors=tensors, metadata=meta.encode())
     response = await _unary(client, hop, "rpc_backward", request)
-    return decode(response.tensors[0]).to(hidden.dtype)
+    expected = 1 + (len(extras.tensors) if extras is not None else 0)
+    if len(response.tensors) != expected:
+        raise PeerUnreachableError(f"peer {hop.peer_id} sent {len(response.tensors)} gradients, not {expected}")
+    grads = [decode(t) for t in response.tensors]
+    extra_grads = [g.to(t.dtype) for g, t in zip(grads[1:], extras.tensors, strict=True)] if extras else []
+    return grads[0].to(hidden.dtype), extra_grads
+
+
+def _forward_request(
+    client: SwarmClient, model_id: str, hop: Hop, extras: SpanTensors | None, adapter: str | None
+) -> ForwardRequest:
+    return ForwardRequest(
+        adapter=adapter,
+        model_id=model_id,
+        start=hop.start,
+        end=hop.end,
+        auth=prove(client, hop),
+        compression=client.config.compression,
+        tuning=extras.spec if extras is not None else None,
+    )
+
+
+def _encode_all(
+    client: SwarmClient, activations: list[torch.Tensor], extras: SpanTensors | None
+) -> list[runtime_pb2.Tensor]:
+    """Activations travel compressed as configured; trainables always exactly (small, and training needs them exact)."""
+    compression = client.config.compression
+    encoded = [encode(t, compression) for t in activations]
+    return encoded + [encode(t) for t in (extras.tensors if extras is not None else ())]
 
 
 def prove(client: SwarmClient, hop: Hop) -> RpcProof | None:
@@ -87,8 +126,10 @@ async def _unary(client: SwarmClient, hop: Hop, method: str, request) -> runtime
 class SpanStream:
     """One open inference stream to one server for blocks [hop.start, hop.end)."""
 
-    def __init__(self, client: SwarmClient, hop: Hop, open_msg: OpenSession):
+    def __init__(self, client: SwarmClient, hop: Hop, open_msg: OpenSession, extras: SpanTensors | None = None):
         self.hop = hop
+        self._extras = extras
+        """The hop's rows of per-block trainables; they travel once, with the opening step (``open_msg.tuning``)."""
         self._client = client
         self._open_msg: OpenSession | None = open_msg
         self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
@@ -106,10 +147,11 @@ class SpanStream:
         if open_msg is not None and self._client.secret is not None:
             open_msg = open_msg.model_copy(update={"auth": prove(self._client, self.hop)})
         meta = InferenceStep(open=open_msg, position=position, step_id=self._step_id)
+        tensors = [encode(hidden, self._client.config.compression)]
+        if open_msg is not None and self._extras is not None:
+            tensors += [encode(t) for t in self._extras.tensors]
         self._open_msg = None
-        request = runtime_pb2.ExpertRequest(
-            tensors=[encode(hidden, self._client.config.compression)], metadata=meta.encode()
-        )
+        request = runtime_pb2.ExpertRequest(tensors=tensors, metadata=meta.encode())
         self._client.wire_bytes_sent += request.ByteSize()
         await self._requests.put(request)
         timeout = self._step_timeout(hidden.shape[1])

@@ -147,9 +147,13 @@ async def generate(
     choices = [_Choice(model, prompt_ids, params.stop) for _ in range(params.n)]
     input_ids = torch.tensor([list(prompt_ids)] * params.n, dtype=torch.long, device=model.device)  # [B, S]
     hidden = await asyncio.to_thread(sampler.embed_prompt, input_ids)  # [B, S, D]
+    variant = model.variant
+    if variant is not None and variant.prompts is not None:  # tuned prompts go first, in embedding space
+        hidden = torch.cat([variant.prompts.to(hidden.dtype).expand(params.n, -1, -1), hidden], dim=1)  # [B, K + S, D]
     masks = _MaskPipeline(params.grammar, params.n, model.vocab_size)
-    max_length = len(prompt_ids) + params.max_tokens
-    async with swarm.inference_session(model.model_id, max_length=max_length, batch_size=params.n) as session:
+    max_length = hidden.shape[1] + params.max_tokens
+    tuning = {"extras": variant.extras, "adapter": variant.adapter} if variant is not None else {}
+    async with swarm.inference_session(model.model_id, max_length=max_length, batch_size=params.n, **tuning) as session:
         try:
             masks.start()  # the first mask is computed while the prompt goes through the swarm
             for step in range(params.max_tokens):

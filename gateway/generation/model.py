@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -13,6 +14,9 @@ from gateway.generation.combining_head import CombiningHead
 from gateway.generation.protocols import ModelHeadLike
 from gateway.generation.token_text import TokenText
 from gateway.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from gateway.generation.variants import ModelVariant
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,8 @@ class LoadedModel:
     vocab_size: int
     eos_token_ids: frozenset[int]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    variant: ModelVariant | None = None
+    """Set on a served variant ``MODEL:NAME`` (an adapter or tuned prompts; ``gateway.generation.variants``)."""
     token_text: TokenText = field(init=False)
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from swarm.records import ModelCoverage
+from swarm.span_tensors import SpanTensors
 
 
 class InferenceSessionLike(Protocol):
@@ -27,8 +28,16 @@ class SwarmClientLike(Protocol):
     async def model_coverage(self, model_id: str) -> ModelCoverage: ...
 
     def inference_session(
-        self, model_id: str, *, max_length: int, batch_size: int
-    ) -> AbstractAsyncContextManager[InferenceSessionLike]: ...
+        self,
+        model_id: str,
+        *,
+        max_length: int,
+        batch_size: int,
+        extras: SpanTensors | None = None,
+        adapter: str | None = None,
+    ) -> AbstractAsyncContextManager[InferenceSessionLike]:
+        """``extras``: per-block tensors for every block (deep prompts); ``adapter``: a LoRA adapter by name."""
+        ...
 
     async def shutdown(self) -> None: ...
 

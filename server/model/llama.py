@@ -13,7 +13,9 @@ from server.model.activations import activation
 from server.model.attention import KVSlot, PackedKV, attend, attend_decode_rows, attention_mask, with_cache
 from server.model.fused import Device, Fused, fuse_linears, linear
 from server.model.rotary import RotaryEmbedding, rotate
+from server.model.tuning import LoraDelta, add_lora
 from swarm.config import ModelSpec
+from swarm.messages import LORA_TARGETS
 from swarm.norm import RMSNorm
 
 __all__ = ["KVSlot", "LlamaAttention", "PackedKV", "LlamaBlock", "LlamaMLP", "attention_mask"]
@@ -53,12 +55,17 @@ class LlamaAttention(Fused):
         self.fused_weight, self.fused_bias = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def project(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora: LoraDelta | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, S, D] -> rotated q [B, H, S, Dh], rotated k [B, H_kv, S, Dh], v [B, H_kv, S, Dh]."""
         b, s, _ = x.shape
         h, h_kv = self.num_heads, self.num_kv_heads
-        qkv = F.linear(x, self.fused_weight, self.fused_bias).view(b, s, h + 2 * h_kv, self.head_dim)
+        qkv = F.linear(x, self.fused_weight, self.fused_bias)  # [B, S, (H + 2 H_kv) * Dh]
+        if lora is not None:
+            widths = (h * self.head_dim, h_kv * self.head_dim, h_kv * self.head_dim)
+            delta = lora.fused_delta(("q_proj", "k_proj", "v_proj"), widths, x)
+            qkv = qkv if delta is None else qkv + delta
+        qkv = qkv.view(b, s, h + 2 * h_kv, self.head_dim)
         # Rotate q and k heads in one go; cos/sin broadcast over heads.  qk: [B, S, H + H_kv, Dh]
         qk = rotate(self.norm_qk(qkv[:, :, : h + h_kv]), cos.unsqueeze(2), sin.unsqueeze(2))
         q = qk[:, :, :h].transpose(1, 2)  # [B, H, S, Dh]
@@ -71,11 +78,16 @@ class LlamaAttention(Fused):
         return qk
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVSlot | PackedKV | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: KVSlot | PackedKV | None,
+        lora: LoraDelta | None = None,
     ) -> torch.Tensor:
         # x: [B, S, D], cos/sin: [B, S, Dh]; packed sessions: B = 1, S = T (all their tokens)
         b, s, _ = x.shape
-        q, k, v = self.project(x, cos, sin)
+        q, k, v = self.project(x, cos, sin, lora)
         if isinstance(kv, PackedKV) and kv.decode_mask is not None and self._plain_causal:
             out = attend_decode_rows(q, k, v, kv, self.scale)  # every row one new token: one call for all
         elif isinstance(kv, PackedKV):
@@ -85,7 +97,7 @@ class LlamaAttention(Fused):
         else:
             out = self._attend(q, k, v, kv)  # [B, H, S, Dh]
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [B, S, H * Dh]
-        return self.o_proj(out)
+        return add_lora(self.o_proj(out), lora, "o_proj", out)
 
     @property
     def _plain_causal(self) -> bool:
@@ -115,10 +127,15 @@ class LlamaMLP(Fused):
     def _fuse(self) -> None:
         self.fused_weight, self.fused_bias = fuse_linears([self.gate_proj, self.up_proj])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraDelta | None = None) -> torch.Tensor:
         # x: [B, S, D]
-        gate, up = F.linear(x, self.fused_weight, self.fused_bias).chunk(2, dim=-1)  # each [B, S, I]
-        return self.down_proj(self.act(gate) * up)
+        gate_up = F.linear(x, self.fused_weight, self.fused_bias)  # [B, S, 2I]
+        if lora is not None:
+            delta = lora.fused_delta(("gate_proj", "up_proj"), (self.up_proj.weight.shape[0],) * 2, x)
+            gate_up = gate_up if delta is None else gate_up + delta
+        gate, up = gate_up.chunk(2, dim=-1)  # each [B, S, I]
+        inner = self.act(gate) * up  # [B, S, I]
+        return add_lora(self.down_proj(inner), lora, "down_proj", inner)
 
 
 class LlamaBlock(nn.Module):
@@ -128,6 +145,8 @@ class LlamaBlock(nn.Module):
     packs_sessions = True
     """Its forward accepts ``PackedKV``: several sessions' steps in one call (see ``BlockSpan.forward_packed``)."""
     attention_class: type[LlamaAttention] = LlamaAttention
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    """Linears that take client-side LoRA (``lora=`` in forward); families without the attribute take none."""
 
     def __init__(self, spec: ModelSpec, layer_idx: int, *, dtype: torch.dtype | None = None, device: Device = None):
         super().__init__()
@@ -139,8 +158,13 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm.requires_grad_(False)
 
     def forward(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVSlot | None = None
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: KVSlot | None = None,
+        lora: LoraDelta | None = None,
     ) -> torch.Tensor:
         # hidden: [B, S, D], cos/sin: [B, S, Dh] -> [B, S, D]
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv, lora)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden), lora)

@@ -12,6 +12,7 @@ from torch import nn
 
 from server.model.attention import KVSlot, PackedKV
 from server.model.rotary import RotaryEmbedding
+from server.model.tuning import PackedLora, SpanTuning
 from swarm.config import ModelSpec
 from swarm.weights import ResolvedModel, block_prefix, load_tensors
 
@@ -52,6 +53,7 @@ class SpanStep:
     hidden: torch.Tensor  # [B, S, D]
     cache: SpanCache
     start_position: int
+    tuning: SpanTuning | None = None
 
 
 class SpanCache:
@@ -143,6 +145,8 @@ class BlockSpan(nn.Module):
         ``scripts/profile_span.py`` on an H200 (8B shape, 16 blocks, bf16), step time one call vs per session:
         4 sessions 18.1-18.5 vs 13.4-15.5 ms, 16 sessions 27.3-30.2 vs 29.3-31.4 ms, 32 sessions 42.2-48.5 vs
         47.8-50.5 ms. On a CPU the padded copies cost about what they save, so it stays per session there."""
+        self.lora_targets: tuple[str, ...] = tuple(getattr(block_class, "lora_targets", ()))
+        """Linears of these blocks that take client-side LoRA (none for families without support)."""
 
     @classmethod
     def load(
@@ -168,13 +172,15 @@ class BlockSpan(nn.Module):
         cache: SpanCache | None = None,
         start_position: int = 0,
         blocks: slice | None = None,
+        tuning: SpanTuning | None = None,
     ) -> torch.Tensor:
         """hidden: [B, S, D] at positions ``[start_position, start_position + S)`` -> [B, S, D].
 
         ``blocks`` picks a sub-range in absolute model block indices (``slice(3, 10)`` on a span hosting 0:15
         runs model blocks 3..9); ``None`` runs every hosted block. ``cache`` covers exactly the blocks that
         run, so a session over a sub-range allocates only what it uses. Nothing advances implicitly: the
-        caller passes the next ``start_position`` itself.
+        caller passes the next ``start_position`` itself. ``tuning`` (deep prompts, LoRA) has one row per block
+        that runs, like ``cache``.
         """
         first, last = self._local_range(blocks)
         b, s, d = hidden.shape
@@ -185,7 +191,12 @@ class BlockSpan(nn.Module):
         positional = self.positions(start_position, s, b, hidden.dtype)  # e.g. (cos, sin), each [B, S, Dh]
         for j, k in enumerate(range(first, last)):
             kv = cache.slot(j, start_position) if cache is not None else None
-            hidden = self.blocks[k](hidden, *positional, kv)
+            if tuning is None:
+                hidden = self.blocks[k](hidden, *positional, kv)
+                continue
+            hidden = tuning.add_prompts(j, hidden, start_position)
+            lora = tuning.block_lora(j)
+            hidden = self.blocks[k](hidden, *positional, kv, **({"lora": lora} if lora is not None else {}))
         return hidden
 
     def forward_packed(self, steps: Sequence[SpanStep], blocks: slice | None = None) -> list[torch.Tensor]:
@@ -193,14 +204,17 @@ class BlockSpan(nn.Module):
 
         Their tokens are packed into one [1, T, D] forward (``T = sum B_i * S_i``) with per-token rotary
         positions, so the weight matmuls run once for all; attention stays per session (``PackedKV``). A lone
-        step, or a family that cannot pack, takes the plain per-session ``forward``: exactly today's path.
+        step, or a family that cannot pack, takes the plain per-session ``forward``. Sessions with their own tuning
+        (deep prompts, LoRA: client-sent or a server adapter) pack too, each with its own tensors.
         """
-        if len(steps) == 1 or not self.packs_sessions:
-            return [self.forward(st.hidden, st.cache, st.start_position, blocks) for st in steps]
+        tuned = [st.tuning for st in steps if st.tuning is not None]
+        if len(steps) == 1 or not self.packs_sessions or (tuned and not self.lora_targets):
+            return [self.forward(st.hidden, st.cache, st.start_position, blocks, st.tuning) for st in steps]
         first, last = self._local_range(blocks)
         d = self.spec.hidden_size
         device = steps[0].hidden.device
         batches, lengths = [st.hidden.shape[0] for st in steps], [st.hidden.shape[1] for st in steps]
+        sizes = [b * s for b, s in zip(batches, lengths, strict=True)]
         for st in steps:
             if st.hidden.shape[2] != d:
                 raise ValueError(f"hidden size {st.hidden.shape[2]} does not match the model's {d}")
@@ -219,9 +233,34 @@ class BlockSpan(nn.Module):
             decode_mask = PackedKV.make_decode_mask([st.start_position for st in steps], batches, device)
         for j, k in enumerate(range(first, last)):
             kv = PackedKV([st.cache.slot(j, st.start_position) for st in steps], batches, lengths, decode_mask)
-            hidden = self.blocks[k](hidden, *positional, kv)
-        parts = hidden[0].split([b * s for b, s in zip(batches, lengths, strict=True)])  # each [B_i * S_i, D]
-        return [p.view(b, s, d) for p, b, s in zip(parts, batches, lengths, strict=True)]
+            if not tuned:
+                hidden = self.blocks[k](hidden, *positional, kv)
+                continue
+            # Sessions with their own prompts / LoRA share the batch: prompts go to each session's rows, LoRA
+            # deltas per segment of tokens (PackedLora); the base weights' matmuls still run once for all.
+            hidden = self._add_packed_prompts(hidden, steps, j, batches, lengths)
+            parts = [st.tuning.block_lora(j) if st.tuning is not None else None for st in steps]
+            lora = PackedLora(parts, sizes) if any(p is not None for p in parts) else None
+            hidden = self.blocks[k](hidden, *positional, kv, **({"lora": lora} if lora is not None else {}))
+        parts_out = hidden[0].split(sizes)  # each [B_i * S_i, D]
+        return [p.view(b, s, d) for p, b, s in zip(parts_out, batches, lengths, strict=True)]
+
+    @staticmethod
+    def _add_packed_prompts(
+        hidden: torch.Tensor, steps: Sequence[SpanStep], j: int, batches: list[int], lengths: list[int]
+    ) -> torch.Tensor:
+        """hidden [1, T, D] of packed sessions: add block ``j``'s deep prompts of each session to its own rows."""
+        if all(st.tuning is None or st.tuning.prompts is None for st in steps):
+            return hidden
+        d = hidden.shape[-1]
+        pieces = hidden[0].split([b * s for b, s in zip(batches, lengths, strict=True)])  # each [B_i * S_i, D]
+        out = []
+        for st, piece, b, s in zip(steps, pieces, batches, lengths, strict=True):
+            rows = piece.view(b, s, d)
+            if st.tuning is not None:
+                rows = st.tuning.add_prompts(j, rows, st.start_position)
+            out.append(rows.reshape(b * s, d))
+        return torch.cat(out).unsqueeze(0)
 
     def _local_range(self, blocks: slice | None) -> tuple[int, int]:
         if blocks is None:

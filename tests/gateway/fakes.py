@@ -12,7 +12,7 @@ import torch
 
 from gateway.generation.model import LoadedModel
 from swarm.errors import BadRequestError
-from swarm.records import ModelCoverage
+from swarm.records import ModelCoverage, RemoteServer
 
 MODEL_ID = "tiny-smollm"
 VOCAB = 49152
@@ -50,6 +50,10 @@ class FakeSession:
     position: int = 0
     steps: int = 0
     closed: bool = False
+    adapter: str | None = None
+    extras: object = None
+    first_length: int | None = None
+    """Length of the first step (the prompt, plus tuned prompts of a prompt variant)."""
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [B, S, D]
@@ -60,6 +64,8 @@ class FakeSession:
         batch, length, _ = hidden.shape
         if batch != self.batch_size or self.position + length > self.max_length:
             raise BadRequestError(f"bad step shape {tuple(hidden.shape)} at position {self.position}")
+        if self.first_length is None:
+            self.first_length = length
         self.position += length
         self.steps += 1
         return torch.tanh(hidden @ self.mixer)  # [B, S, D]
@@ -75,19 +81,26 @@ class FakeSwarm:
     fail_at_step: int | None = None
     step_delay_s: float = 0.0
     sessions: list[FakeSession] = field(default_factory=list)
+    servers: list[RemoteServer] = field(default_factory=list)
+    """What coverage lookups report as announced servers (their records' adapters become model variants)."""
     shut_down: bool = False
 
     def __post_init__(self) -> None:
         self.mixer = torch.randn(HIDDEN, HIDDEN, generator=torch.Generator().manual_seed(1)) / HIDDEN**0.5
 
     async def model_coverage(self, model_id: str) -> ModelCoverage:
-        return ModelCoverage(model_id=model_id, num_blocks=NUM_BLOCKS, missing=list(self.missing))
+        return ModelCoverage(
+            model_id=model_id, num_blocks=NUM_BLOCKS, missing=list(self.missing), servers=list(self.servers)
+        )
 
     @asynccontextmanager
-    async def inference_session(self, model_id: str, *, max_length: int, batch_size: int) -> AsyncIterator[FakeSession]:
+    async def inference_session(
+        self, model_id: str, *, max_length: int, batch_size: int, extras=None, adapter: str | None = None
+    ) -> AsyncIterator[FakeSession]:
         if self.open_error is not None:
             raise self.open_error
         session = FakeSession(batch_size, max_length, self.mixer, self.fail_at_step, self.step_error, self.step_delay_s)
+        session.adapter, session.extras = adapter, extras  # what a variant asked for
         self.sessions.append(session)
         try:
             yield session

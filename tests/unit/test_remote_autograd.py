@@ -10,9 +10,11 @@ import torch
 
 from swarm.client import BanList
 from swarm.errors import BadRequestError, MissingBlocksError, PeerUnreachableError
+from swarm.messages import TuningSpec
 from swarm.records import ModelCoverage, RemoteServer, ServerRecord, ServerState
 from swarm.remote_autograd import RemoteBlocks
 from swarm.routing import Hop, choose_route
+from swarm.span_tensors import SpanTensors
 
 D = 8
 NUM_BLOCKS = 4
@@ -23,8 +25,14 @@ def block_weights() -> list[torch.Tensor]:
     return [torch.randn(D, D, generator=generator) / D**0.5 for _ in range(NUM_BLOCKS)]
 
 
-def run_blocks(weights: list[torch.Tensor], hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    for w in weights[start:end]:
+def run_blocks(
+    weights: list[torch.Tensor], hidden: torch.Tensor, start: int, end: int, prompts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """prompts (deep prompts of these blocks): [end - start, K, D], added to positions [0, K) before each block."""
+    for j, w in enumerate(weights[start:end]):
+        if prompts is not None:
+            k = prompts.shape[1]
+            hidden = torch.cat([hidden[:, :k] + prompts[j], hidden[:, k:]], dim=1)
         hidden = hidden + torch.tanh(hidden @ w)  # [B, S, D]
     return hidden
 
@@ -61,17 +69,21 @@ class FakeSwarm:
         if errors:
             raise errors.pop(0)
 
-    async def forward(self, client, model_id: str, hop: Hop, hidden: torch.Tensor) -> torch.Tensor:
+    async def forward(self, client, model_id: str, hop: Hop, hidden: torch.Tensor, extras=None) -> torch.Tensor:
         assert not hidden.requires_grad  # what travels is plain data
         self._maybe_fail("fwd", hop)
-        return run_blocks(self.weights, hidden, hop.start, hop.end)
+        prompts = extras.tensors[0] if extras is not None else None
+        assert prompts is None or (not prompts.requires_grad and prompts.shape[0] == hop.end - hop.start)
+        return run_blocks(self.weights, hidden, hop.start, hop.end, prompts)
 
-    async def backward(self, client, model_id: str, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor):
+    async def backward(self, client, model_id: str, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor, extras=None):
         self._maybe_fail("bwd", hop)
         with torch.enable_grad():  # as the server does; autograd runs backward functions with grad mode off
             x = hidden.detach().requires_grad_(True)
-            (grad_input,) = torch.autograd.grad(run_blocks(self.weights, x, hop.start, hop.end), x, grad)
-        return grad_input
+            leaves = [t.detach().requires_grad_(True) for t in (extras.tensors if extras is not None else ())]
+            out = run_blocks(self.weights, x, hop.start, hop.end, leaves[0] if leaves else None)
+            grad_input, *grads = torch.autograd.grad(out, [x, *leaves], grad)
+        return grad_input, grads
 
     def blocks(self) -> RemoteBlocks:
         return RemoteBlocks(
@@ -111,6 +123,24 @@ def test_gradient_reaches_parameters_before_the_remote_blocks():
     out = swarm.blocks()(torch.cat([prompt, tokens], dim=1))
     out.sum().backward()
     assert prompt.grad is not None and prompt.grad.abs().sum() > 0
+
+
+def test_per_block_trainables_get_their_gradients_hop_by_hop():
+    """Deep prompts [N, K, D]: each hop gets its rows; gradients land in the right rows, also after a backward
+    failover that splits the failed span over two servers."""
+    swarm = two_servers_and_spares()
+    swarm.fail[("bwd", "a")] = [PeerUnreachableError("a died")]
+    generator = torch.Generator().manual_seed(3)
+    x, prompts = torch.randn(2, 3, D, generator=generator), torch.randn(NUM_BLOCKS, 2, D, generator=generator)
+    remote_prompts = prompts.clone().requires_grad_(True)
+    out = swarm.blocks()(x, SpanTensors(TuningSpec(prompts=2), (remote_prompts,)))
+    (out**2).sum().backward()
+    local_prompts = prompts.clone().requires_grad_(True)
+    local = run_blocks(swarm.weights, x, 0, NUM_BLOCKS, local_prompts)
+    (local**2).sum().backward()
+    torch.testing.assert_close(out, local)
+    torch.testing.assert_close(remote_prompts.grad, local_prompts.grad)
+    assert [c for c in swarm.calls if c[0] == "bwd"][-2:] == [("bwd", "d", 1, 2), ("bwd", "c", 0, 1)]
 
 
 def test_forward_failure_reroutes_that_span_only():

@@ -89,3 +89,24 @@ def test_measured_throughput_caps_what_a_server_announces():
     assert spans(choose_route(cov)) == [("boaster", 0, 10)]
     measured = {"boaster": 50.0}  # this client saw it deliver 50 blocks/s, not 10,000
     assert spans(choose_route(cov, measured_throughputs=measured)) == [("honest", 0, 10)]
+
+
+def test_adapter_routes_use_only_servers_announcing_it():
+    plain = server("fast", 0, 4, throughput=1000.0)
+    a, b = server("a", 0, 2), server("b", 2, 4)
+    for s in (a, b):
+        s.record.adapters = ["mine"]
+    coverage = ModelCoverage(model_id="m", num_blocks=4, servers=[plain, a, b])
+    assert [h.peer_id for h in choose_route(coverage)] == ["fast"]
+    assert [h.peer_id for h in choose_route(coverage, adapter="mine")] == ["a", "b"]
+    with pytest.raises(MissingBlocksError, match="m:other"):
+        choose_route(coverage, adapter="other")
+    assert missing_blocks(coverage, adapter="other") == [0, 1, 2, 3]
+
+
+def test_records_decode_adapters_tolerantly():
+    wire = server("x", 0, 2).record.to_wire()
+    assert ServerRecord.from_wire({**wire, "adapters": ["a", "b"]}).adapters == ["a", "b"]
+    assert ServerRecord.from_wire({k: v for k, v in wire.items() if k != "adapters"}).adapters == []  # older servers
+    assert ServerRecord.from_wire({**wire, "adapters": "garbage"}).adapters == []
+    assert ServerRecord.from_wire({**wire, "adapters": ["ok", 3, None]}).adapters == ["ok"]
