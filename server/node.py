@@ -29,7 +29,7 @@ from server.settings import ServerSettings
 from swarm import PROTOCOL_VERSION
 from swarm.auth import SwarmSecret, swarm_secret
 from swarm.dht import fetch_coverage
-from swarm.identity import RecordSigner, SignedRecordValidator, load_identity
+from swarm.identity import IdentityError, RecordSigner, SignedRecordValidator, load_identity
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.service import BlockService
 from swarm.weights import ResolvedModel, resolve_model
@@ -78,7 +78,11 @@ def start_dht(settings: ServerSettings, initial_peers: list[str]) -> tuple[DHT, 
             record_validators=[SignedRecordValidator()],
             start=True,
         )
-        signer = RecordSigner(load_identity(identity_path))
+        try:
+            signer = RecordSigner(load_identity(identity_path))
+        except IdentityError as e:
+            dht.shutdown()
+            raise SystemExit(f"cannot sign records with this identity: {e}") from None
     if signer.peer_id != dht.peer_id.to_base58():
         dht.shutdown()
         raise SystemExit(f"identity {identity_path} does not match the DHT's peer id {dht.peer_id}")

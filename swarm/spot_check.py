@@ -49,6 +49,8 @@ class SpotCheckStats:
     """Mismatches that no third server could settle (no one banned)."""
     banned: set[str] = field(default_factory=set)
     """Peers caught returning wrong activations."""
+    largest_agreeing_error: float = 0.0
+    """The largest relative error among checks that agreed: how close honest servers come to the tolerance."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class SpotChecker:
             primary = (hop.peer_id, output)
             verdict = judge(primary, verifier, None, self.client.config.spot_check_tolerance)
             if verdict.agreed:
+                self.stats.largest_agreeing_error = max(self.stats.largest_agreeing_error, verdict.error)
                 return False
             self.stats.mismatches += 1
             referee = await anext(answers, None)

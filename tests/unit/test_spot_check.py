@@ -1,0 +1,118 @@
+"""Spot-checks as pure pieces: comparing answers, judging who lies, and RemoteBlocks rerouting a caught liar
+(against the in-process fake swarm of test_remote_autograd)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from types import SimpleNamespace
+
+import torch
+
+from swarm.client import BanList
+from swarm.remote_autograd import RemoteBlocks
+from swarm.spot_check import SpotChecker, judge, relative_error
+from tests.unit.test_remote_autograd import NUM_BLOCKS, FakeSwarm, run_blocks
+
+TOLERANCE = 0.05
+
+
+def test_relative_error_ignores_scale_and_small_noise():
+    x = torch.randn(2, 5, 16) * 300  # large activations, as deep layers have
+    assert relative_error(x, x) == 0.0
+    assert relative_error(x * (1 + 1e-3 * torch.randn_like(x)), x) < 2e-3  # float16-like rounding
+    assert relative_error(x + x.std() * torch.randn_like(x), x) > 0.5  # corrupted
+
+
+def test_judge_agreeing_answers_ban_nobody():
+    x = torch.randn(1, 3, 8)
+    verdict = judge(("a", x), ("b", x + 1e-6), None, TOLERANCE)
+    assert verdict.agreed and not verdict.liars
+
+
+def test_judge_needs_a_referee_to_blame_anyone():
+    x, wrong = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    verdict = judge(("a", wrong), ("b", x), None, TOLERANCE)
+    assert not verdict.agreed and not verdict.liars
+    assert verdict.max_abs_diff == (wrong - x).abs().max().item()
+
+
+def test_judge_blames_whoever_disagrees_with_the_referee():
+    x, wrong = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    assert judge(("a", wrong), ("b", x), ("c", x), TOLERANCE).liars == ("a",)
+    assert judge(("a", x), ("b", wrong), ("c", x), TOLERANCE).liars == ("b",)
+    # three different answers settle nothing
+    assert judge(("a", x), ("b", wrong), ("c", torch.randn(1, 3, 8)), TOLERANCE).liars == ()
+
+
+def test_distrusted_peers_stay_banned_past_failure_bans():
+    bans = BanList(0.0)
+    bans.distrust("liar", 60)
+    bans.ban("liar")  # a later failover ban does not shorten it
+    bans.ban("slow")
+    assert bans.distrusted() == {"liar"} and "liar" in bans.banned()
+
+
+class LyingSwarm(FakeSwarm):
+    """The fake swarm, where ``liar`` adds noise to its outputs; spot-check settings as a client has them."""
+
+    def __init__(self, *servers, liar: str):
+        super().__init__(*servers)
+        self.liar = liar
+        self.config = SimpleNamespace(
+            max_retries=3, spot_check_probability=1.0, spot_check_max_tokens=1024, spot_check_tolerance=TOLERANCE,
+            spot_check_ban_s=3600.0,
+        )  # fmt: skip
+
+    async def model_coverage(self, model_id: str, fresh: bool = False):
+        return self.coverage
+
+    async def forward(self, client, model_id, hop, hidden):
+        out = await super().forward(client, model_id, hop, hidden)
+        return out + torch.randn_like(out) if hop.peer_id == self.liar else out
+
+
+def test_remote_blocks_reroute_around_a_caught_liar():
+    # the liar is the fastest and takes the route; two honest servers can check and referee it
+    swarm = LyingSwarm(("liar", 0, 4, 100.0), ("a", 0, 4, 1.0), ("b", 0, 4, 1.0), liar="liar")
+    checker = SpotChecker(swarm, rng=random.Random(0))
+    blocks = RemoteBlocks(
+        swarm, "m", 0, NUM_BLOCKS, asyncio.run, forward_call=swarm.forward, backward_call=swarm.backward,
+        spot_checker=checker,
+    )  # fmt: skip
+    hidden = torch.randn(2, 3, 8)
+    out, trace = asyncio.run(blocks.forward_traced(hidden))
+    torch.testing.assert_close(out, run_blocks(swarm.weights, hidden, 0, NUM_BLOCKS))
+    assert [t.hop.peer_id for t in trace] != ["liar"]
+    assert checker.stats.banned == {"liar"} and checker.stats.mismatches == 1
+    assert "liar" in swarm.bans.distrusted()
+
+
+def test_an_honest_hop_checked_by_the_liar_is_kept():
+    # only the honest server is on the route; the liar and a referee check it
+    swarm = LyingSwarm(("a", 0, 4, 100.0), ("liar", 0, 4, 1.0), ("b", 0, 4, 1.0), liar="liar")
+    checker = SpotChecker(swarm, rng=random.Random(0))
+    hop = asyncio.run(swarm.route("m"))[0]
+    assert hop.peer_id == "a"
+    hidden = torch.randn(1, 4, 8)
+    honest = run_blocks(swarm.weights, hidden, 0, NUM_BLOCKS)
+    for _ in range(5):  # whichever checks first, "a" is never blamed
+        caught = asyncio.run(checker.caught("m", hop, hidden, honest[:, -2:], forward_call=swarm.forward))
+        assert not caught
+    assert checker.stats.banned <= {"liar"} and checker.stats.unresolved == 0
+
+
+def test_no_second_server_means_no_check():
+    swarm = LyingSwarm(("liar", 0, 4, 1.0), ("a", 0, 2, 1.0), ("b", 2, 4, 1.0), liar="liar")
+    checker = SpotChecker(swarm)
+    hop = asyncio.run(swarm.route("m", 0, 4))[0]
+    assert not asyncio.run(checker.caught("m", hop, torch.randn(1, 2, 8), torch.randn(1, 2, 8), swarm.forward))
+    assert checker.stats.checks == 0
+
+
+def test_wanted_respects_probability_and_history_length():
+    swarm = LyingSwarm(("a", 0, 4, 1.0), liar="none")
+    checker = SpotChecker(swarm, rng=random.Random(0))
+    assert checker.wanted(10) and not checker.wanted(2000)
+    swarm.config.spot_check_probability = 0.0
+    assert not checker.wanted(10)
