@@ -90,7 +90,7 @@ def main() -> None:
         swarm.start_bootstrap()
         for server in [swarm.start_server(MODEL, "0:30", "--num-threads", "1", wait=False) for _ in range(2)]:
             swarm.wait_ready(server)
-        config = ClientConfig(initial_peers=swarm.initial_peers, coverage_ttl_s=0.0, coverage_max_stale_s=0.0)
+        config = ClientConfig(initial_peers=swarm.initial_peers)
         model = AutoDistributedModelForCausalLM.from_pretrained(MODEL, [], cache_dir=CACHE, client_config=config)
         tokenizer = AutoTokenizer.from_pretrained(model.resolved.folder)
         messages = [{"role": "user", "content": "Tell me a long story about the sea."}]

@@ -61,11 +61,13 @@ class ClientConfig:
     swarm_secret: str | None = field(default=None, repr=False)
     """A private swarm's shared secret: requests carry a proof of it, and servers whose DHT records are not
     signed with it are never used. None: a public swarm."""
-    spot_check_probability: float = 0.05
+    spot_check_probability: float = 0.02
     """Share of span steps (inference and stateless forward) recomputed on a second server hosting the same
-    blocks and compared (``swarm.spot_check``); a server caught returning wrong activations is banned. 0: off."""
-    spot_check_max_tokens: int = 1024
-    """Steps whose recomputation would span more positions (the session's history so far) are not checked."""
+    blocks and compared (``swarm.spot_check``); a server caught returning wrong activations is banned. 0: off.
+    A check costs a stateless forward of the span's history (2 decode steps at 64 tokens, 8 at 256 on CPU), so the
+    expected overhead is a few percent (``scripts/bench_spot_check.py``)."""
+    spot_check_max_tokens: int = 256
+    """Past this many positions of history, the check probability falls as 1 / length (flat expected cost)."""
     spot_check_tolerance: float = 0.05
     """Largest relative error ||a - b|| / ||b|| between two honest servers' outputs."""
     spot_check_ban_s: float = 3600.0

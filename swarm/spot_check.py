@@ -9,7 +9,8 @@ counted, and no one is banned. The caller redoes the span on other servers when 
 exactly as on a failover), so the output is unaffected.
 
 Cost: a checked step adds one stateless forward of the span's history on Y (and, on a mismatch, one on Z), run
-before the step's output is used; ``spot_check_probability`` and ``spot_check_max_tokens`` bound it.
+before the step's output is used. ``spot_check_probability`` sets how often; past ``spot_check_max_tokens`` of
+history the probability falls as 1 / length, so the expected cost per step stays flat on long sessions.
 """
 
 from __future__ import annotations
@@ -106,9 +107,12 @@ class SpotChecker:
     def wanted(self, tokens: int) -> bool:
         """Whether to check a step whose stateless recomputation spans ``tokens`` positions."""
         config = self.client.config
-        if config.spot_check_probability <= 0 or tokens > config.spot_check_max_tokens:
-            return False
-        return self._rng.random() < config.spot_check_probability
+        probability = config.spot_check_probability
+        if tokens > config.spot_check_max_tokens:
+            # A check recomputes the whole history, so its cost grows with it: check long histories less often,
+            # keeping the expected cost per step flat instead of never checking them.
+            probability *= config.spot_check_max_tokens / tokens
+        return probability > 0 and self._rng.random() < probability
 
     async def caught(
         self,

@@ -113,6 +113,8 @@ def test_no_second_server_means_no_check():
 def test_wanted_respects_probability_and_history_length():
     swarm = LyingSwarm(("a", 0, 4, 1.0), liar="none")
     checker = SpotChecker(swarm, rng=random.Random(0))
-    assert checker.wanted(10) and not checker.wanted(2000)
+    assert all(checker.wanted(10) for _ in range(100))
+    long_history = sum(checker.wanted(4 * 1024) for _ in range(2000)) / 2000  # p x max_tokens / tokens = 0.25
+    assert 0.2 < long_history < 0.3
     swarm.config.spot_check_probability = 0.0
     assert not checker.wanted(10)
