@@ -175,7 +175,11 @@ class SpotChecker:
             yield server.peer_id, out[:, -positions:]
 
     async def _candidates(self, model_id: str, hop: Hop) -> list[RemoteServer]:
-        coverage = await self.client.model_coverage(model_id)
+        try:
+            coverage = await self.client.model_coverage(model_id)
+        except Exception as e:  # a DHT hiccup skips this check; it must not fail the step it checks
+            logger.debug("spot-check: no coverage of %s to pick a checker from: %s", model_id, e)
+            return []
         avoid = self.client.bans.banned() | {hop.peer_id}
         servers = [
             s
