@@ -68,10 +68,17 @@ class LocalSwarm:
         return child
 
     def start_server(
-        self, model: str, span: str | None = None, *extra: str, wait: bool = True, module: str = "server.cli"
+        self,
+        model: str,
+        span: str | None = None,
+        *extra: str,
+        wait: bool = True,
+        module: str = "server.cli",
+        module_args: tuple[str, ...] = (),
     ) -> Child:
-        """``module``: the entry point to run (a test-only wrapper of ``server.cli``, e.g. a lying server)."""
-        args = ["run", "--model", str(model), "--initial-peers", *self.initial_peers,
+        """``module``: the entry point to run, a test-only wrapper of ``server.cli`` (e.g. a lying server) that
+        takes its own ``module_args`` before the command."""
+        args = [*module_args, "run", "--model", str(model), "--initial-peers", *self.initial_peers,
                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--cache-dir", str(self.cache_dir),
                 "--announce-period-s", "1", "--num-threads", "1", *extra]  # fmt: skip
         if span is not None:
