@@ -64,8 +64,8 @@ class ClientConfig:
     spot_check_probability: float = 0.02
     """Share of span steps (inference and stateless forward) recomputed on a second server hosting the same
     blocks and compared (``swarm.spot_check``); a server caught returning wrong activations is banned. 0: off.
-    A check costs a stateless forward of the span's history (2 decode steps at 64 tokens, 8 at 256 on CPU), so the
-    expected overhead is a few percent (``scripts/bench_spot_check.py``)."""
+    A check costs a stateless forward of the span's history (2-4 decode steps at 64 tokens, 8-11 at 256 on CPU):
+    the expected overhead is p times that (``scripts/bench_spot_check.py``)."""
     spot_check_max_tokens: int = 256
     """Past this many positions of history, the check probability falls as 1 / length (flat expected cost)."""
     spot_check_tolerance: float = 0.05
