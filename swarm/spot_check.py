@@ -169,8 +169,10 @@ class SpotChecker:
         for server in await self._candidates(model_id, hop):
             try:
                 out = await forward_call(self.client, model_id, Hop(server, hop.start, hop.end), history)
-            except SwarmError as e:
-                logger.debug("spot-check: peer %s could not check blocks %d:%d: %s", server.peer_id, *hop_span(hop), e)
+            except SwarmError as e:  # like any failed call: avoided for a while (routes and checks alike)
+                logger.info("spot-check: peer %s could not check blocks %d:%d: %s", server.peer_id, *hop_span(hop), e)
+                if e.retryable:
+                    self.client.bans.ban(server.peer_id)
                 continue
             yield server.peer_id, out[:, -positions:]
 
