@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import torch
 
 from swarm.client import BanList
+from swarm.errors import PeerUnreachableError
 from swarm.remote_autograd import RemoteBlocks
 from swarm.spot_check import SpotChecker, judge, relative_error
 from tests.unit.test_remote_autograd import NUM_BLOCKS, FakeSwarm, run_blocks
@@ -118,3 +119,18 @@ def test_wanted_respects_probability_and_history_length():
     assert 0.2 < long_history < 0.3
     swarm.config.spot_check_probability = 0.0
     assert not checker.wanted(10)
+
+
+def test_a_checker_that_fails_is_skipped_and_banned():
+    swarm = LyingSwarm(("liar", 0, 4, 100.0), ("a", 0, 4, 1.0), ("b", 0, 4, 1.0), ("c", 0, 4, 1.0), liar="liar")
+    hop = asyncio.run(swarm.route("m"))[0]
+    hidden = torch.randn(1, 3, 8)
+    lie = run_blocks(swarm.weights, hidden, 0, NUM_BLOCKS) + 1.0
+    for seed in range(4):  # checkers come in random order; "a" failing never stops the verdict
+        swarm.bans, swarm.calls = BanList(60.0), []
+        swarm.fail[("fwd", "a")] = [PeerUnreachableError("a is down")]
+        checker = SpotChecker(swarm, rng=random.Random(seed))
+        assert asyncio.run(checker.caught("m", hop, hidden, lie, forward_call=swarm.forward))
+        assert checker.stats.banned == {"liar"}
+        tried_a = any(peer == "a" for _, peer, _, _ in swarm.calls)
+        assert ("a" in swarm.bans.banned()) == tried_a
