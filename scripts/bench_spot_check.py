@@ -3,7 +3,8 @@ generations with spot_check_probability 0 (baseline), the default and 1.0, alter
 compression; reports the mean and median decode-step time of each, the checks run and the largest relative error
 between the two honest servers (how far honest answers stay from the tolerance). Then the cost model of one check:
 the time of a stateless forward over all blocks of a T-token history against one decode step, for several T (a
-check's cost grows with the session's length; the expected overhead is p x that ratio).
+check's cost grows with the session's length; the expected overhead is p x that ratio). Last, in-process, the
+relative error of bfloat16 and float16 blocks against float32 ones (what servers of mixed dtypes differ by).
 
     .venv/bin/python scripts/bench_spot_check.py [--tokens 48] [--rounds 3]
 
@@ -26,10 +27,11 @@ from transformers import AutoTokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from server.model import BlockSpan  # noqa: E402
 from swarm.client import ClientConfig  # noqa: E402
 from swarm.model import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.span_call import call_forward  # noqa: E402
-from swarm.spot_check import SpotCheckStats  # noqa: E402
+from swarm.spot_check import SpotCheckStats, relative_error  # noqa: E402
 from tests.e2e.harness import LocalSwarm  # noqa: E402
 from tests.helpers import MODEL_CACHE as CACHE  # noqa: E402
 
@@ -77,6 +79,24 @@ def check_cost(model, decode_step_s: float) -> dict[str, float]:
     return costs
 
 
+def dtype_errors(model, input_ids: torch.Tensor) -> dict[str, float]:
+    """Relative error of the blocks' output in bfloat16 / float16 against float32, over 1, 15 and 30 blocks."""
+    hidden = model.head.embed(input_ids)  # [1, S, D]
+    outputs: dict[torch.dtype, dict[int, torch.Tensor]] = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        span = BlockSpan.load(model.resolved, 0, 30, dtype, torch.device("cpu")).eval()
+        with torch.inference_mode():
+            outputs[dtype] = {n: span(hidden.to(dtype), blocks=slice(0, n)).float() for n in (1, 15, 30)}
+        del span
+    errors = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        for n in (1, 15, 30):
+            name = f"{str(dtype).split('.')[-1]} over {n} blocks"
+            errors[name] = relative_error(outputs[dtype][n], outputs[torch.float32][n])
+            print(f"{name}: relative error vs float32 {errors[name]:.2e}")
+    return errors
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=48)
@@ -116,13 +136,14 @@ def main() -> None:
                 )
         summary_check_cost = check_cost(model, statistics.median(results["off"]["step_s"]))
         model.shutdown()
+        summary_dtype_errors = dtype_errors(model, input_ids)
     finally:
         swarm.stop()
     baseline = statistics.median(results["off"]["step_s"])
     mean_baseline = statistics.fmean(results["off"]["step_s"])
     summary = {
         "model": MODEL, "tokens": args.tokens, "prompt_tokens": int(input_ids.shape[1]), "variants": {},
-        "check_cost_vs_decode_step": summary_check_cost,
+        "check_cost_vs_decode_step": summary_check_cost, "dtype_relative_errors": summary_dtype_errors,
     }  # fmt: skip
     for name, result in results.items():
         median = statistics.median(result["step_s"])

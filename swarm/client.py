@@ -68,8 +68,9 @@ class ClientConfig:
     the expected overhead is p times that (``scripts/bench_spot_check.py``)."""
     spot_check_max_tokens: int = 256
     """Past this many positions of history, the check probability falls as 1 / length (flat expected cost)."""
-    spot_check_tolerance: float = 0.05
-    """Largest relative error ||a - b|| / ||b|| between two honest servers' outputs."""
+    spot_check_tolerance: float = 0.01
+    """Largest relative error ||a - b|| / ||b|| (per token) between two honest servers' outputs; pairs involving
+    16-bit servers or float16 compression get 50 epsilons of that dtype if more (0.2 for bfloat16)."""
     spot_check_ban_s: float = 3600.0
     """How long a server caught returning wrong activations is never routed through."""
 

@@ -34,8 +34,33 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Answer = tuple[str, torch.Tensor]
-"""(peer id, the span's output for the checked positions [B, S, D])."""
+EPSILONS_OF_SLACK = 50.0
+"""Honest servers differ by about a dozen machine epsilons of the coarser dtype per token (measured: 1.5e-6 in
+float32, 5e-2 between bfloat16 and float32 over SmolLM2's 30 blocks); a pair's tolerance is this many epsilons."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One server's output for the checked positions, and the dtype it computes in (from its record)."""
+
+    peer_id: str
+    output: torch.Tensor  # [B, S, D]
+    dtype: str = "float32"
+
+
+def machine_epsilon(dtype: str) -> float:
+    """Unknown or non-float dtypes count as bfloat16, the coarsest that servers run."""
+    found = getattr(torch, dtype, None) if dtype.isidentifier() else None
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        found = torch.bfloat16
+    return torch.finfo(found).eps
+
+
+def pair_tolerance(a: str, b: str, compression: str, floor: float) -> float:
+    """Largest relative error allowed between two honest servers computing in dtypes ``a`` and ``b``, with
+    activations sent as ``compression`` (float16 rounds them too)."""
+    dtypes = [a, b] + (["float16"] if compression == "float16" else [])
+    return max(floor, EPSILONS_OF_SLACK * max(machine_epsilon(d) for d in dtypes))
 
 
 @dataclass
@@ -64,29 +89,32 @@ class Verdict:
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| over the whole tensor: insensitive to the activations' scale, which varies by model and
-    depth, and tolerant of the small per-element differences of honest servers (cache vs no cache, float16 on the
-    wire, other dtypes); wrong outputs are off by tens of percent."""
+    """The largest ||a - b|| / ||b|| over token vectors ([..., D]): insensitive to the activations' scale, which
+    varies by model, depth and position, and not diluted when only some positions are wrong."""
     a, b = a.float(), b.float()
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-12))
+    per_token = torch.linalg.vector_norm(a - b, dim=-1) / torch.linalg.vector_norm(b, dim=-1).clamp_min(1e-12)
+    return float(per_token.max())
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def judge(primary: Answer, verifier: Answer, referee: Answer | None, tolerance: float) -> Verdict:
+def judge(
+    primary: Answer, verifier: Answer, referee: Answer | None, compression: str = "none", floor: float = 0.01
+) -> Verdict:
     """Who lies among the answers: nobody if the first two agree; else whoever disagrees with the referee (both
-    disagreeing with it, or no referee, settles nothing)."""
-    (_, p), (_, v) = primary, verifier
-    error = relative_error(p, v)
-    diff = max_abs_diff(p, v)
-    if error <= tolerance:
-        return Verdict(agreed=True, error=error, max_abs_diff=diff)
-    if referee is None:
-        return Verdict(agreed=False, error=error, max_abs_diff=diff)
-    _, r = referee
-    liars = tuple(peer for peer, out in (primary, verifier) if relative_error(out, r) > tolerance)
+    disagreeing with it, or no referee, settles nothing). Each pair is held to ``pair_tolerance``."""
+
+    def agree(x: Answer, y: Answer) -> tuple[bool, float]:
+        error = relative_error(x.output, y.output)
+        return error <= pair_tolerance(x.dtype, y.dtype, compression, floor), error
+
+    agreed, error = agree(primary, verifier)
+    diff = max_abs_diff(primary.output, verifier.output)
+    if agreed or referee is None:
+        return Verdict(agreed=agreed, error=error, max_abs_diff=diff)
+    liars = tuple(answer.peer_id for answer in (primary, verifier) if not agree(answer, referee)[0])
     if len(liars) != 1:
         return Verdict(agreed=False, error=error, max_abs_diff=diff)
     return Verdict(agreed=False, liars=liars, error=error, max_abs_diff=diff)
@@ -130,14 +158,15 @@ class SpotChecker:
             if verifier is None:
                 return False
             self.stats.checks += 1
-            primary = (hop.peer_id, output)
-            verdict = judge(primary, verifier, None, self.client.config.spot_check_tolerance)
+            primary = Answer(hop.peer_id, output, hop.server.record.dtype)
+            config = self.client.config
+            verdict = judge(primary, verifier, None, config.compression, config.spot_check_tolerance)
             if verdict.agreed:
                 self.stats.largest_agreeing_error = max(self.stats.largest_agreeing_error, verdict.error)
                 return False
             self.stats.mismatches += 1
             referee = await anext(answers, None)
-            verdict = judge(primary, verifier, referee, self.client.config.spot_check_tolerance)
+            verdict = judge(primary, verifier, referee, config.compression, config.spot_check_tolerance)
         finally:
             await answers.aclose()
         if not verdict.liars:
@@ -145,11 +174,11 @@ class SpotChecker:
             logger.warning(
                 "spot-check: peers %s and %s disagree on blocks %d:%d of %s (relative error %.3g, max abs diff "
                 "%.3g) and no third server settled it; nobody banned",
-                hop.peer_id, verifier[0], hop.start, hop.end, model_id, verdict.error, verdict.max_abs_diff,
+                hop.peer_id, verifier.peer_id, hop.start, hop.end, model_id, verdict.error, verdict.max_abs_diff,
             )  # fmt: skip
             return False
         for liar in verdict.liars:
-            self._ban(liar, model_id, hop, verdict, referee_peer=referee[0] if referee else "?")
+            self._ban(liar, model_id, hop, verdict, referee_peer=referee.peer_id if referee else "?")
         return hop.peer_id in verdict.liars
 
     def _ban(self, peer_id: str, model_id: str, hop: Hop, verdict: Verdict, referee_peer: str) -> None:
@@ -174,7 +203,7 @@ class SpotChecker:
                 if e.retryable:
                     self.client.bans.ban(server.peer_id)
                 continue
-            yield server.peer_id, out[:, -positions:]
+            yield Answer(server.peer_id, out[:, -positions:], server.record.dtype)
 
     async def _candidates(self, model_id: str, hop: Hop) -> list[RemoteServer]:
         try:

@@ -7,15 +7,16 @@ import asyncio
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from swarm.client import BanList
 from swarm.errors import PeerUnreachableError
 from swarm.remote_autograd import RemoteBlocks
-from swarm.spot_check import SpotChecker, judge, relative_error
+from swarm.spot_check import Answer, SpotChecker, judge, pair_tolerance, relative_error
 from tests.unit.test_remote_autograd import NUM_BLOCKS, FakeSwarm, run_blocks
 
-TOLERANCE = 0.05
+TOLERANCE = 0.01
 
 
 def test_relative_error_ignores_scale_and_small_noise():
@@ -25,25 +26,50 @@ def test_relative_error_ignores_scale_and_small_noise():
     assert relative_error(x + x.std() * torch.randn_like(x), x) > 0.5  # corrupted
 
 
+def test_relative_error_is_not_diluted_by_right_positions():
+    x = torch.randn(1, 64, 16)
+    x[:, 0] *= 100  # an attention-sink position with a huge norm
+    wrong = x.clone()
+    wrong[:, -1] = torch.randn(16)  # only the last position (the one a generation uses) is wrong
+    assert relative_error(wrong, x) > 0.5
+
+
+def test_pair_tolerance_follows_the_coarsest_dtype():
+    assert pair_tolerance("float32", "float32", "none", 0.01) == 0.01  # the floor
+    assert pair_tolerance("float32", "float16", "none", 0.01) == pytest.approx(50 * 2**-10)
+    assert pair_tolerance("float32", "float32", "float16", 0.01) == pytest.approx(50 * 2**-10)  # wire rounding
+    assert pair_tolerance("bfloat16", "float32", "none", 0.01) == pytest.approx(50 * 2**-7)
+    assert pair_tolerance("weird", "float32", "none", 0.01) == pytest.approx(50 * 2**-7)  # unknown: lenient
+
+
 def test_judge_agreeing_answers_ban_nobody():
     x = torch.randn(1, 3, 8)
-    verdict = judge(("a", x), ("b", x + 1e-6), None, TOLERANCE)
+    verdict = judge(Answer("a", x), Answer("b", x + 1e-6), None)
     assert verdict.agreed and not verdict.liars
+
+
+def test_judge_gives_bfloat16_servers_more_slack():
+    x = torch.randn(1, 3, 64)
+    off_by_5_percent = x + 0.05 * x.norm(dim=-1, keepdim=True) / 64**0.5 * torch.randn_like(x)  # [1, 3, 64]
+    error = relative_error(off_by_5_percent, x)
+    assert 0.01 < error < 0.2
+    assert not judge(Answer("a", off_by_5_percent), Answer("b", x), None).agreed
+    assert judge(Answer("a", off_by_5_percent, "bfloat16"), Answer("b", x), None).agreed
 
 
 def test_judge_needs_a_referee_to_blame_anyone():
     x, wrong = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
-    verdict = judge(("a", wrong), ("b", x), None, TOLERANCE)
+    verdict = judge(Answer("a", wrong), Answer("b", x), None)
     assert not verdict.agreed and not verdict.liars
     assert verdict.max_abs_diff == (wrong - x).abs().max().item()
 
 
 def test_judge_blames_whoever_disagrees_with_the_referee():
     x, wrong = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
-    assert judge(("a", wrong), ("b", x), ("c", x), TOLERANCE).liars == ("a",)
-    assert judge(("a", x), ("b", wrong), ("c", x), TOLERANCE).liars == ("b",)
+    assert judge(Answer("a", wrong), Answer("b", x), Answer("c", x)).liars == ("a",)
+    assert judge(Answer("a", x), Answer("b", wrong), Answer("c", x)).liars == ("b",)
     # three different answers settle nothing
-    assert judge(("a", x), ("b", wrong), ("c", torch.randn(1, 3, 8)), TOLERANCE).liars == ()
+    assert judge(Answer("a", x), Answer("b", wrong), Answer("c", torch.randn(1, 3, 8))).liars == ()
 
 
 def test_distrusted_peers_stay_banned_past_failure_bans():
@@ -62,7 +88,7 @@ class LyingSwarm(FakeSwarm):
         self.liar = liar
         self.config = SimpleNamespace(
             max_retries=3, spot_check_probability=1.0, spot_check_max_tokens=1024, spot_check_tolerance=TOLERANCE,
-            spot_check_ban_s=3600.0,
+            spot_check_ban_s=3600.0, compression="none",
         )  # fmt: skip
 
     async def model_coverage(self, model_id: str, fresh: bool = False):
