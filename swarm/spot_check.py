@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EPSILONS_OF_SLACK = 50.0
-"""Honest servers differ by about a dozen machine epsilons of the coarser dtype per token (measured: 1.5e-6 in
-float32, 5e-2 between bfloat16 and float32 over SmolLM2's 30 blocks); a pair's tolerance is this many epsilons."""
+"""Honest servers differ by about a dozen machine epsilons of the coarser dtype per token (measured over SmolLM2's
+30 blocks: 1.5e-6 in float32, 5.3e-2 between bfloat16 and float32, 1.4e-2 between float16 and float32; see
+``scripts/bench_spot_check.py``); a pair's tolerance is this many epsilons."""
 
 
 @dataclass(frozen=True)
