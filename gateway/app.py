@@ -36,11 +36,16 @@ InspectorFactory = Callable[[SwarmClientLike], SwarmInspectorLike]
 """the connected swarm client -> what /v1/swarm reads (every announced model, server probes)."""
 
 
-async def connect_swarm(initial_peers: list[str], swarm_secret: str | None = None) -> SwarmClientLike:
+async def connect_swarm(
+    initial_peers: list[str], swarm_secret: str | None = None, spot_check_probability: float | None = None
+) -> SwarmClientLike:
     """The real swarm client (imported here so that tests with a fake never load it)."""
     from swarm.client import ClientConfig, SwarmClient
 
-    return await SwarmClient.create(ClientConfig(initial_peers=initial_peers, swarm_secret=swarm_secret))
+    config = ClientConfig(initial_peers=initial_peers, swarm_secret=swarm_secret)
+    if spot_check_probability is not None:
+        config.spot_check_probability = spot_check_probability
+    return await SwarmClient.create(config)
 
 
 def connect_inspector(swarm: SwarmClientLike) -> SwarmInspectorLike:
@@ -75,7 +80,9 @@ def create_app(
     metrics = GatewayMetrics()
     secret = settings.swarm_secret.get_secret_value() if settings.swarm_secret else None
     if swarm_factory is None:
-        swarm_factory = partial(connect_swarm, swarm_secret=secret)
+        swarm_factory = partial(
+            connect_swarm, swarm_secret=secret, spot_check_probability=settings.spot_check_probability
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

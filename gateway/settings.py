@@ -57,6 +57,13 @@ class GatewaySettings(BaseSettings):
         description="Secret of a private swarm: only servers that know it are used (and the embedded swarm's "
         "servers get it). Prefer PETALS_GATEWAY_SWARM_SECRET to a flag.",
     )
+    spot_check_probability: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Share of span steps the swarm client re-runs on a second server to catch servers returning "
+        "wrong activations (default: the client's, 0.02; 0: off).",
+    )
     cache_dir: Path = Field(
         Path("~/.cache/petals-next").expanduser(), description="Where converted model folders are kept."
     )

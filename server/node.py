@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from server.settings import ServerSettings
 from swarm import PROTOCOL_VERSION
 from swarm.auth import SwarmSecret, swarm_secret
 from swarm.dht import fetch_coverage
+from swarm.identity import IdentityError, RecordSigner, SignedRecordValidator, load_identity
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.service import BlockService
 from swarm.weights import ResolvedModel, resolve_model
@@ -65,14 +67,28 @@ def secret_of(settings: ServerSettings) -> SwarmSecret | None:
     return swarm_secret(settings.swarm_secret.get_secret_value() if settings.swarm_secret else None)
 
 
-def start_dht(settings: ServerSettings, initial_peers: list[str]) -> DHT:
-    return DHT(
-        initial_peers=initial_peers,
-        host_maddrs=settings.host_maddrs,
-        announce_maddrs=settings.announce_maddrs or None,
-        identity_path=str(settings.identity_path) if settings.identity_path else None,
-        start=True,
-    )
+def start_dht(settings: ServerSettings, initial_peers: list[str]) -> tuple[DHT, RecordSigner]:
+    """Join the DHT under the configured identity (or a fresh one for this run) and load its key for signing."""
+    with tempfile.TemporaryDirectory(prefix="petals-identity-") as scratch:
+        # hivemind writes a new identity file where none exists; a per-run one is read back and then deleted.
+        identity_path = settings.identity_path or Path(scratch) / "identity.key"
+        dht = DHT(
+            initial_peers=initial_peers,
+            host_maddrs=settings.host_maddrs,
+            announce_maddrs=settings.announce_maddrs or None,
+            identity_path=str(identity_path),
+            record_validators=[SignedRecordValidator()],
+            start=True,
+        )
+        try:
+            signer = RecordSigner(load_identity(identity_path))
+        except IdentityError as e:
+            dht.shutdown()
+            raise SystemExit(f"cannot sign records with this identity: {e}") from None
+    if signer.peer_id != dht.peer_id.to_base58():
+        dht.shutdown()
+        raise SystemExit(f"identity {identity_path} does not match the DHT's peer id {dht.peer_id}")
+    return dht, signer
 
 
 @dataclass
@@ -128,8 +144,11 @@ async def host_span(settings: ServerSettings, resolved: ResolvedModel, start: in
 class BlockServer:
     """One running server: its DHT peer, RPC handler, heartbeat and (with --blocks) rebalancing."""
 
-    def __init__(self, settings: ServerSettings, resolved: ResolvedModel, dht: DHT, hosting: Hosting):
+    def __init__(
+        self, settings: ServerSettings, resolved: ResolvedModel, dht: DHT, signer: RecordSigner, hosting: Hosting
+    ):
         self.settings = settings
+        self.signer = signer
         self.resolved = resolved
         self.dht = dht
         self.peer_id = dht.peer_id.to_base58()
@@ -161,6 +180,7 @@ class BlockServer:
             dtype=str(hosting.backend.dtype).split(".")[-1],
             adapters=sorted(hosting.backend.adapters),
         )
+        record = ServerRecord.model_validate(self.signer.sign(record.to_wire()))
         if self.secret is not None:
             record.auth = self.secret.sign_record(record.to_wire(), self.peer_id)
         return record
@@ -250,9 +270,9 @@ async def serve(settings: ServerSettings) -> None:
     if not settings.initial_peers and not settings.new_swarm:
         raise SystemExit("give --initial-peers to join a swarm, or --new-swarm to start one")
 
-    dht = await asyncio.to_thread(start_dht, settings, settings.initial_peers)
+    dht, signer = await asyncio.to_thread(start_dht, settings, settings.initial_peers)
     start, end = await _pick_span(settings, dht, resolved.model_id, resolved.spec.num_hidden_layers)
-    server = BlockServer(settings, resolved, dht, await host_span(settings, resolved, start, end))
+    server = BlockServer(settings, resolved, dht, signer, await host_span(settings, resolved, start, end))
     ready = await server.start()
     if settings.ready_file:
         write_ready_file(settings.ready_file, ready)
@@ -296,7 +316,11 @@ async def _pick_span(settings: ServerSettings, dht: DHT, model_id: str, num_bloc
 async def run_bootstrap(host_maddrs: list[str], identity_path: Path | None, ready_file: Path | None) -> None:
     """A DHT-only peer: the stable entry point of a swarm."""
     dht = await asyncio.to_thread(
-        DHT, host_maddrs=host_maddrs, identity_path=str(identity_path) if identity_path else None, start=True
+        DHT,
+        host_maddrs=host_maddrs,
+        identity_path=str(identity_path) if identity_path else None,
+        record_validators=[SignedRecordValidator()],
+        start=True,
     )
     maddrs = [str(m) for m in dht.get_visible_maddrs()]
     print(

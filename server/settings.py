@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from swarm.identity import MAX_RECORD_TTL_S
+
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "petals-next"
 
 
@@ -80,7 +82,12 @@ class ServerSettings(BaseSettings):
     max_prompt_tokens: int = Field(
         256, gt=0, description="most deep prompts (pre_seq_len) per block a request may carry (more are refused)"
     )
-    announce_period_s: float = Field(5.0, gt=0, description="how often the server re-announces itself")
+    announce_period_s: float = Field(
+        5.0,
+        gt=0,
+        le=MAX_RECORD_TTL_S / 3,
+        description="how often the server re-announces itself (records live three periods, at most the DHT's limit)",
+    )
     rebalance_period_s: float = Field(
         60.0, ge=0, description="with --blocks: how often to check whether moving would help the swarm (0: never)"
     )

@@ -10,8 +10,10 @@ Layers, bottom up:
   tensors    -- the one tensor codec (hivemind's serializer)
   messages   -- RPC metadata models with a protocol version
   records    -- DHT records (server announcements), decoded tolerantly
+  identity   -- records tied to their writer: signed with the key the peer id hashes, checked by every reader
   routing    -- pure choice of a chain of servers that covers every block
   dht        -- announce / look up records in a hivemind DHT
+  spot_check -- recompute a share of steps on a second server; ban a server caught returning wrong outputs
   client     -- async inference sessions and forward passes over a route
   span_tensors -- per-block trainables (deep prompts, LoRA factors) that travel with span requests
   remote_autograd -- remote blocks as a differentiable function (rpc_forward / rpc_backward hop by hop)

@@ -30,6 +30,7 @@ from swarm.remote_autograd import RemoteBlocks
 from swarm.routing import Hop, choose_route, missing_blocks
 from swarm.session import InferenceSession
 from swarm.span_tensors import SpanTensors
+from swarm.spot_check import SpotChecker, SpotCheckStats
 from swarm.tensors import Compression
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,18 @@ class ClientConfig:
     swarm_secret: str | None = field(default=None, repr=False)
     """A private swarm's shared secret: requests carry a proof of it, and servers whose DHT records are not
     signed with it are never used. None: a public swarm."""
+    spot_check_probability: float = 0.02
+    """Share of span steps (inference and stateless forward) recomputed on a second server hosting the same
+    blocks and compared (``swarm.spot_check``); a server caught returning wrong activations is banned. 0: off.
+    A check costs a stateless forward of the span's history (2-4 decode steps at 64 tokens, 8-11 at 256 on CPU):
+    the expected overhead is p times that (``scripts/bench_spot_check.py``)."""
+    spot_check_max_tokens: int = 256
+    """Past this many positions of history, the check probability falls as 1 / length (flat expected cost)."""
+    spot_check_tolerance: float = 0.01
+    """Largest relative error ||a - b|| / ||b|| (per token) between two honest servers' outputs; pairs involving
+    16-bit servers or float16 compression get 50 epsilons of that dtype if more (0.2 for bfloat16)."""
+    spot_check_ban_s: float = 3600.0
+    """How long a server caught returning wrong activations is never routed through."""
 
 
 class BanList:
@@ -70,15 +83,24 @@ class BanList:
         self._base_s = base_s
         self._until: dict[str, float] = {}
         self._strikes: dict[str, int] = {}
+        self._distrusted_until: dict[str, float] = {}
 
     def ban(self, peer_id: str) -> None:
         strikes = self._strikes.get(peer_id, 0) + 1
         self._strikes[peer_id] = strikes
         self._until[peer_id] = time.monotonic() + self._base_s * 2 ** (strikes - 1)
 
+    def distrust(self, peer_id: str, duration_s: float) -> None:
+        """A long ban for a server caught misbehaving: unlike failed ones, it is never used as a last resort."""
+        self._distrusted_until[peer_id] = time.monotonic() + duration_s
+
+    def distrusted(self) -> set[str]:
+        now = time.monotonic()
+        return {peer for peer, until in self._distrusted_until.items() if until > now}
+
     def banned(self) -> set[str]:
         now = time.monotonic()
-        return {peer for peer, until in self._until.items() if until > now}
+        return {peer for peer, until in self._until.items() if until > now} | self.distrusted()
 
 
 class SwarmClient:
@@ -97,6 +119,7 @@ class SwarmClient:
         self._refreshing: dict[str, asyncio.Task] = {}
         self.secret: SwarmSecret | None = swarm_secret(config.swarm_secret)
         self.peer_id = p2p.peer_id.to_base58()
+        self.spot_checker = SpotChecker(self)
 
     @classmethod
     async def create(cls, config: ClientConfig, dht: DHT | None = None) -> SwarmClient:
@@ -161,8 +184,8 @@ class SwarmClient:
         await self.latencies.measure([s.peer_id for s in coverage.servers])
         banned = self.bans.banned()
         short_of_cache = {s.peer_id for s in coverage.servers if s.record.cache_tokens_left < cache_tokens}
-        # Last resort: a recently failed server (maybe just slow) beats failing the request.
-        for avoid in (banned | short_of_cache, banned, set()):
+        # Last resort: a recently failed server (maybe just slow) beats failing the request; a distrusted one not.
+        for avoid in (banned | short_of_cache, banned, self.bans.distrusted()):
             try:
                 return choose_route(
                     coverage, start, end, banned=avoid, latencies=self.latencies.snapshot(),
@@ -197,8 +220,14 @@ class SwarmClient:
         """Stateless forward of ``hidden`` [B, S, D] through every block, failing over per span (the same
         hop-by-hop failover that training through the swarm uses)."""
         coverage = await self.model_coverage(model_id)
-        out, _ = await RemoteBlocks(self, model_id, 0, coverage.num_blocks).forward_traced(hidden)
+        blocks = RemoteBlocks(self, model_id, 0, coverage.num_blocks, spot_checker=self.spot_checker)
+        out, _ = await blocks.forward_traced(hidden)
         return out
+
+    @property
+    def spot_checks(self) -> SpotCheckStats:
+        """Counters of this client's spot-checks: checks run, mismatches, peers banned for wrong activations."""
+        return self.spot_checker.stats
 
     async def shutdown(self) -> None:
         for task in list(self._refreshing.values()):

@@ -14,6 +14,7 @@ from hivemind.dht import DHT, DHTNode
 from hivemind.utils import get_dht_time
 
 from swarm.auth import SwarmSecret
+from swarm.identity import verify_record
 from swarm.ids import MODEL_REGISTRY_KEY, ModelId, block_key
 from swarm.records import ModelCoverage, ModelRecord, RemoteServer, ServerRecord
 
@@ -51,18 +52,7 @@ async def fetch_coverage(
         num_blocks = models[model_id].num_blocks
     keys = [block_key(ModelId(model_id), i) for i in range(num_blocks)]
     raw = await _await(dht, partial(_get_many, keys))
-    # A server that moved leaves (offline) records under its old blocks: keep each peer's newest record only.
-    newest: dict[str, tuple[float, ServerRecord]] = {}
-    for key in keys:
-        for peer_id, (value, expiration) in (raw.get(key) or {}).items():
-            if secret is not None and not secret.verify_record(value, peer_id):
-                continue
-            record = ServerRecord.from_wire(value)
-            if record is None or record.model_id != model_id or record.end > num_blocks:
-                continue
-            if peer_id not in newest or expiration > newest[peer_id][0]:
-                newest[peer_id] = (expiration, record)
-    servers = {peer_id: RemoteServer(peer_id=peer_id, record=record) for peer_id, (_, record) in newest.items()}
+    servers = newest_records(raw, model_id, num_blocks, secret)
     covered = [False] * num_blocks
     for server in servers.values():
         if server.record.state.value == "online":
@@ -70,6 +60,31 @@ async def fetch_coverage(
                 covered[i] = True
     missing = [i for i, ok in enumerate(covered) if not ok]
     return ModelCoverage(model_id=model_id, num_blocks=num_blocks, servers=list(servers.values()), missing=missing)
+
+
+def newest_records(
+    raw: dict[str, dict[str, tuple[Any, float]]], model_id: str, num_blocks: int, secret: SwarmSecret | None = None
+) -> dict[str, RemoteServer]:
+    """Each peer's most recently signed valid record among ``raw`` ({block key: {peer id: (value, expiration)}}).
+
+    A record counts only if the peer it is stored under signed it (``swarm.identity``): records announced on
+    another peer's behalf, or replayed from the past over a newer one, are ignored. A server that moved leaves
+    (offline) records under its old blocks, hence the newest record per peer.
+    """
+    newest: dict[str, tuple[tuple[float, float], ServerRecord]] = {}
+    for peers in raw.values():
+        for peer_id, (value, expiration) in (peers or {}).items():
+            if not verify_record(value, peer_id):
+                continue
+            if secret is not None and not secret.verify_record(value, peer_id):
+                continue
+            record = ServerRecord.from_wire(value)
+            if record is None or record.model_id != model_id or record.end > num_blocks:
+                continue
+            order = (record.signed_at or 0.0, expiration)
+            if peer_id not in newest or order > newest[peer_id][0]:
+                newest[peer_id] = (order, record)
+    return {peer_id: RemoteServer(peer_id=peer_id, record=record) for peer_id, (_, record) in newest.items()}
 
 
 async def fetch_models(dht: DHT) -> dict[str, ModelRecord]:

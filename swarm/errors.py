@@ -10,7 +10,8 @@
     │   ├── ServerLeavingError      the server is shutting down gracefully                     retryable
     │   ├── UnauthorizedError       a private server refused a caller without the swarm secret
     │   └── ProtocolMismatchError   the peer speaks another protocol version
-    └── PeerUnreachableError        the transport failed or timed out                          retryable
+    ├── PeerUnreachableError        the transport failed or timed out                          retryable
+    └── WrongActivationsError       a spot-check caught the server returning wrong outputs     retryable
 
 Servers raise these in handlers; ``server.rpc`` turns them into an ``ErrorPayload`` on the wire exactly once,
 and ``swarm.client`` turns a payload back into the matching class with ``error_from_payload``.
@@ -89,6 +90,13 @@ class ProtocolMismatchError(RemoteError):
 
 class PeerUnreachableError(SwarmError):
     code = "peer_unreachable"
+    retryable = True
+
+
+class WrongActivationsError(SwarmError):
+    """Raised on the client only (``swarm.spot_check``): the span is redone on other servers."""
+
+    code = "wrong_activations"
     retryable = True
 
 

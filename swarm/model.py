@@ -94,7 +94,9 @@ class AutoDistributedModelForCausalLM(torch.nn.Module):
         self.tuning = tuning
         self.client = client
         self._loop = loop
-        self.blocks = RemoteBlocks(client, resolved.model_id, 0, resolved.spec.num_hidden_layers, loop.run)
+        self.blocks = RemoteBlocks(
+            client, resolved.model_id, 0, resolved.spec.num_hidden_layers, loop.run, spot_checker=client.spot_checker
+        )
 
     @classmethod
     def from_pretrained(

@@ -38,6 +38,11 @@ class ServerRecord(BaseModel):
     """Names of the LoRA adapters this server applies on request (``--adapters``); older servers announce none."""
     auth: str | None = None
     """Private swarms: the server's HMAC of this record under the swarm secret (``swarm.auth``)."""
+    public_key: str | None = None
+    """The server's identity key (base64 DER); its hash is the peer id the record is announced under."""
+    signed_at: float | None = None
+    signature: str | None = None
+    """RSA-PSS signature by ``public_key`` over the record and the peer id (``swarm.identity``)."""
 
     @field_validator("adapters", mode="before")
     @classmethod

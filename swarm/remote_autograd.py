@@ -12,7 +12,8 @@ respect to the hidden states (and to the per-block trainables sent along, each h
 
 Failover: a hop that fails with a retryable ``SwarmError`` is banned and its span re-routed afresh (maybe over
 several servers); in backward the replacement hops' inputs are recomputed by a forward over the new route first.
-Both directions share one retry budget per call, ``client.config.max_retries``.
+Both directions share one retry budget per call, ``client.config.max_retries``. A hop that a spot-check
+(``swarm.spot_check``) catches returning wrong activations is rerouted the same way.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import torch
 from torch.autograd.function import once_differentiable
 
-from swarm.errors import SwarmError
+from swarm.errors import SwarmError, WrongActivationsError
 from swarm.routing import Hop
 from swarm.span_call import call_backward, call_forward
 from swarm.span_tensors import SpanTensors
+from swarm.spot_check import SpotChecker
 
 if TYPE_CHECKING:
     from swarm.client import SwarmClient
@@ -97,6 +99,7 @@ class RemoteBlocks:
         forward_call: ForwardCall = call_forward,
         backward_call: BackwardCall = call_backward,
         adapter: str | None = None,
+        spot_checker: SpotChecker | None = None,
     ):
         self.client = client
         self.adapter = adapter
@@ -109,6 +112,8 @@ class RemoteBlocks:
         only, not for the async ``forward_traced`` / ``backward_traced``."""
         self._forward_call = forward_call
         self._backward_call = backward_call
+        self._spot_checker = spot_checker
+        """Recomputes a share of the hops on another server (``swarm.spot_check``); None: no checks."""
 
     def __call__(self, hidden: torch.Tensor, extras: SpanTensors | None = None) -> torch.Tensor:
         """hidden: [B, S, D] -> [B, S, D] after the last block; differentiable with respect to ``hidden`` and to
@@ -140,6 +145,8 @@ class RemoteBlocks:
                 out = await self._forward_call(
                     self.client, self.model_id, hop, hidden, self._rows(extras, hop), **self._adapter_kwargs()
                 )
+                if extras is None and self.adapter is None:  # checkers recompute the plain blocks only
+                    await self._spot_check(hop, hidden, out)
             except SwarmError as e:
                 budget.spend(e)
                 self._log_failover("forward", hop, e)
@@ -149,6 +156,16 @@ class RemoteBlocks:
             trace.append(TracedHop(hop, hidden))
             hidden = out
         return hidden, trace
+
+    async def _spot_check(self, hop: Hop, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        """Raise ``WrongActivationsError`` (the hop is then redone elsewhere) if a spot-check caught ``hop``."""
+        checker = self._spot_checker
+        if checker is None or not checker.wanted(hidden.shape[1]):
+            return
+        if await checker.caught(self.model_id, hop, hidden, out, forward_call=self._forward_call):
+            raise WrongActivationsError(
+                f"peer {hop.peer_id} returned wrong activations for blocks {hop.start}:{hop.end}"
+            )
 
     async def backward_traced(
         self,

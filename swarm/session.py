@@ -2,7 +2,9 @@
 
 Each span remembers the inputs it was sent. When a server fails with a retryable error (dead, hung, busy), the
 session bans it, routes around exactly its blocks (possibly through several servers), rebuilds their caches by
-replaying the remembered inputs, and retries the step. Greedy output is unchanged by a failover.
+replaying the remembered inputs, and retries the step. Greedy output is unchanged by a failover. A server that a
+spot-check (``swarm.spot_check``) catches returning wrong activations fails over the same way, before its output
+is used.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from swarm.errors import BadRequestError, SwarmError
+from swarm.errors import BadRequestError, SwarmError, WrongActivationsError
 from swarm.messages import OpenSession
 from swarm.routing import Hop
 from swarm.span_call import SpanStream
@@ -125,6 +127,7 @@ class InferenceSession:
             span = self._spans[index]
             try:
                 out = await span.stream.step(x, position)
+                await self._spot_check(span, x, out, position)
             except SwarmError as e:
                 failures += 1
                 if not e.retryable or failures > self.client.config.max_retries:
@@ -142,6 +145,21 @@ class InferenceSession:
             index += 1
         self.position = position + hidden.shape[1]
         return x
+
+    async def _spot_check(self, span: _Span, x: torch.Tensor, out: torch.Tensor, position: int) -> None:
+        """Raise ``WrongActivationsError`` (the span then fails over) if a spot-check caught the span's server:
+        its output for ``x`` is recomputed statelessly elsewhere from the span's inputs [0, position) and ``x``."""
+        checker = self.client.spot_checker
+        if self.extras is not None or self.adapter is not None:
+            return  # checkers recompute the plain blocks; a tuned session's steps are not checked
+        if not checker.wanted(position + x.shape[1]):
+            return
+        history = torch.cat([*span.inputs, x], dim=1)  # [B, position + S, D]
+        if await checker.caught(self.model_id, span.hop, history, out):
+            await span.stream.close()
+            raise WrongActivationsError(
+                f"peer {span.hop.peer_id} returned wrong activations for blocks {span.hop.start}:{span.hop.end}"
+            )
 
     async def _replace(self, index: int, error: SwarmError, position: int) -> None:
         """Swap span ``index`` for fresh servers covering the same blocks, replaying its inputs up to ``position``."""

@@ -67,23 +67,33 @@ class LocalSwarm:
         self.initial_peers = child.info["initial_peers"]
         return child
 
-    def start_server(self, model: str, span: str | None = None, *extra: str, wait: bool = True) -> Child:
-        args = ["run", "--model", str(model), "--initial-peers", *self.initial_peers,
+    def start_server(
+        self,
+        model: str,
+        span: str | None = None,
+        *extra: str,
+        wait: bool = True,
+        module: str = "server.cli",
+        module_args: tuple[str, ...] = (),
+    ) -> Child:
+        """``module``: the entry point to run, a test-only wrapper of ``server.cli`` (e.g. a lying server) that
+        takes its own ``module_args`` before the command."""
+        args = [*module_args, "run", "--model", str(model), "--initial-peers", *self.initial_peers,
                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--cache-dir", str(self.cache_dir),
                 "--announce-period-s", "1", "--num-threads", "1", *extra]  # fmt: skip
         if span is not None:
             args += ["--block-indices", span]
-        child = self._spawn(f"server{len(self.children)}-{(span or 'auto').replace(':', '_')}", args)
+        child = self._spawn(f"server{len(self.children)}-{(span or 'auto').replace(':', '_')}", args, module)
         if wait:
             self.wait_ready(child)
         return child
 
-    def _spawn(self, name: str, args: list[str]) -> Child:
+    def _spawn(self, name: str, args: list[str], module: str = "server.cli") -> Child:
         ready_file = self.workdir / f"{name}.ready.json"
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", *args, "--ready-file", str(ready_file)],
+                [sys.executable, "-m", module, *args, "--ready-file", str(ready_file)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
