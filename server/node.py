@@ -21,6 +21,7 @@ from server.batching import BatchLimits
 from server.metrics import ServerMetrics
 from server.model import BlockSpan
 from server.placement import choose_span
+from server.push import Pusher
 from server.rebalance import plan_move
 from server.rpc import BlockHandler, ServingState
 from server.sessions import SessionLimits, SessionRegistry
@@ -156,6 +157,7 @@ class BlockServer:
             public_name=self.settings.public_name,
             device=str(hosting.backend.device),
             dtype=str(hosting.backend.dtype).split(".")[-1],
+            push=True,
         )
         if self.secret is not None:
             record.auth = self.secret.sign_record(record.to_wire(), self.peer_id)
@@ -169,6 +171,7 @@ class BlockServer:
             version=VERSION,
         )  # fmt: skip
         p2p = await self.dht.replicate_p2p()
+        self.handler.attach(Pusher(p2p, self.peer_id, self.settings.push_timeout_s, self.secret))
         await BlockService().add_p2p_handlers(p2p, wrapper=self.handler)
         await self.announcer.announce_now(ServerState.ONLINE)
         self.announcer.start()

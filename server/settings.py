@@ -70,6 +70,13 @@ class ServerSettings(BaseSettings):
         description="wait up to this long for other active sessions' steps before a batch runs; ends early once "
         "they have all arrived, so a lone session never waits (0: never wait)",
     )
+    accept_push: bool = Field(
+        True,
+        description="take inputs pushed by the previous server of a route (false: clients send every input themselves)",
+    )
+    push_timeout_s: float = Field(
+        1.0, gt=0, description="how long pushing an output to the next server may take before the client sends it"
+    )
     announce_period_s: float = Field(5.0, gt=0, description="how often the server re-announces itself")
     rebalance_period_s: float = Field(
         60.0, ge=0, description="with --blocks: how often to check whether moving would help the swarm (0: never)"

@@ -3,6 +3,12 @@
 Inference is a bidirectional stream. Every request carries one step (hidden states for positions
 [position, position + S)); the first request also carries ``open``. Every response carries the span's output
 for that step, or an ``error`` after which the server closes the stream.
+
+Server-to-server push: a step may name ``push_to``, the next span of the route; the server then also sends its
+output there itself (``rpc_push`` with a ``PushRequest``) and says in ``StepResult.pushed`` whether that server
+took it. A step with ``pushed`` set carries no tensors: its input comes by push, matched by the session-wide
+``seq``, or (the client path, when the push failed) from the client in a later message of the same stream with
+``fill`` set. The server uses whichever arrives first, exactly once.
 """
 
 from __future__ import annotations
@@ -54,12 +60,26 @@ class OpenSession(SpanRequest):
     batch_size: int = Field(default=1, gt=0)
 
 
+class PushTarget(_Message):
+    """Where a span's output goes next: the server of the route's next span, and that span's first block."""
+
+    peer_id: str = Field(min_length=1, max_length=128)
+    start: int = Field(ge=0)
+
+
 class InferenceStep(_Message):
-    """One step of an inference stream; tensors: [hidden [B, S, D]]."""
+    """One step of an inference stream; tensors: [hidden [B, S, D]], or none when ``pushed``."""
 
     open: OpenSession | None = None
     position: int = Field(ge=0, description="position of the first token of this step in the session")
     step_id: int = 0
+    seq: int = Field(default=0, ge=0, description="session-wide step number, the same on every hop (push key)")
+    push_to: PushTarget | None = None
+    """Also push this step's output to that server (its stream for this session waits for it)."""
+    pushed: bool = False
+    """No tensors: the input of step ``seq`` will be pushed by the previous server (or filled by the client)."""
+    fill: bool = False
+    """The client's copy of the input of the pushed step ``seq`` (sent when the push failed); tensors: [hidden]."""
 
 
 class StepResult(_Message):
@@ -67,11 +87,26 @@ class StepResult(_Message):
 
     step_id: int = 0
     position: int = 0
+    pushed: bool = False
+    """The output was pushed to ``push_to``'s server and that server took it."""
     error: ErrorPayload | None = None
 
 
 class ForwardRequest(SpanRequest):
     """Stateless forward; tensors: [hidden [B, S, D]]. For backward, tensors: [hidden, grad_output]."""
+
+
+class PushRequest(_Message):
+    """A span's output pushed to the server of the next span; tensors: [hidden [B, S, D]]. Answer: RpcResult."""
+
+    protocol_version: int = PROTOCOL_VERSION
+    session_id: str = Field(min_length=1, max_length=64)
+    client_peer_id: str = Field(min_length=1, max_length=128, description="the peer that owns the session")
+    start: int = Field(ge=0, description="first block of the receiving span")
+    seq: int = Field(gt=0)
+    position: int = Field(ge=0)
+    auth: RpcProof | None = None
+    """Private swarms: the pushing server's proof of the swarm secret."""
 
 
 class RpcResult(_Message):
@@ -94,3 +129,11 @@ class ServerInfoResult(_Message):
     """Most rows (sum of those sessions' batch sizes) one forward has run."""
     batched_steps: int = 0
     """Steps that ran in a forward shared with another session's."""
+    pushes_sent: int = 0
+    """Step outputs this server pushed to the next server, which took them."""
+    pushes_failed: int = 0
+    """Pushes that the next server refused or that did not reach it (the client filled those steps itself)."""
+    inputs_pushed: int = 0
+    """Steps whose input arrived by push from the previous server."""
+    inputs_filled: int = 0
+    """Steps that waited for a push but got their input from the client instead."""

@@ -34,6 +34,8 @@ class ServerRecord(BaseModel):
     public_name: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    push: bool = False
+    """Understands pushed steps (server-to-server push); older servers lack the field and are never asked to."""
     auth: str | None = None
     """Private swarms: the server's HMAC of this record under the swarm secret (``swarm.auth``)."""
 

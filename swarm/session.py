@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from swarm.errors import BadRequestError, SwarmError
-from swarm.messages import OpenSession
+from swarm.messages import OpenSession, PushTarget
 from swarm.routing import Hop
 from swarm.span_call import SpanStream
 
@@ -31,6 +31,10 @@ class _Span:
     stream: SpanStream
     inputs: list[torch.Tensor] = field(default_factory=list)
     """Inputs sent so far, in position order: chunks of [B, S_i, D] covering [0, session position)."""
+    sent: bool = False
+    """The current step is sent and not yet answered."""
+    awaits_push: bool = False
+    """The current step's input comes by push from the previous span's server (or, failing that, a fill)."""
 
     @property
     def hop(self) -> Hop:
@@ -60,7 +64,11 @@ class InferenceSession:
         self.failovers = 0
         self.recovery_s: list[float] = []
         """Time each failover took from the failure being noticed to the replacement being ready."""
+        self.fills = 0
+        """Pushed steps whose input the client had to send itself (the push failed)."""
         self._spans: list[_Span] = []
+        self._seq = 0
+        """Steps started in this session: the key that matches a pushed input to its step on every server."""
         self._closed = False
 
     async def __aenter__(self) -> InferenceSession:
@@ -103,12 +111,38 @@ class InferenceSession:
         if position < self.position:
             for span in self._spans:
                 span.truncate(position)
+        self._seq += 1
+        try:
+            x = await self._run(hidden, position, self._seq)
+        except BaseException:
+            # A span left mid-step holds a half-done step: close it, so the next step fails it over and replays.
+            for span in self._spans:
+                if span.sent:
+                    await span.stream.close()
+            raise
+        self.position = position + hidden.shape[1]
+        return x
+
+    async def _run(self, hidden: torch.Tensor, position: int, seq: int) -> torch.Tensor:
+        """Run step ``seq`` through every span, with failover. With push, every span but the first is told up
+        front that its input will come from the previous server; the client fills it only where a push failed."""
+        push = self.client.config.push and len(self._spans) > 1
+        for index, span in enumerate(self._spans):
+            span.sent = False
+            span.awaits_push = push and index > 0 and span.hop.server.record.push
+        for index, span in enumerate(self._spans):
+            if span.awaits_push:
+                await span.stream.send(None, position, seq=seq, push_to=self._push_target(index))
+                span.sent = True
         x = hidden
         index, failures = 0, 0
         while index < len(self._spans):
             span = self._spans[index]
             try:
-                out = await span.stream.step(x, position)
+                if not span.sent:
+                    await span.stream.send(x, position, seq=seq, push_to=self._push_target(index))
+                    span.sent = True
+                out, pushed = await span.stream.receive(x.shape[1], x.dtype)
             except SwarmError as e:
                 failures += 1
                 if not e.retryable or failures > self.client.config.max_retries:
@@ -121,11 +155,22 @@ class InferenceSession:
                         raise
                     failures += 1
                 continue
+            span.sent = False
             span.inputs.append(x)
             x = out
             index += 1
-        self.position = position + hidden.shape[1]
+            following = self._spans[index] if index < len(self._spans) else None
+            if following is not None and following.awaits_push and not pushed:
+                await following.stream.send(x, position, seq=seq, fill=True)  # the client path
+                self.fills += 1
         return x
+
+    def _push_target(self, index: int) -> PushTarget | None:
+        """Where span ``index`` should push its output: the next span, if that one waits for a push."""
+        if index + 1 < len(self._spans) and self._spans[index + 1].awaits_push:
+            hop = self._spans[index + 1].hop
+            return PushTarget(peer_id=hop.peer_id, start=hop.start)
+        return None
 
     async def _replace(self, index: int, error: SwarmError, position: int) -> None:
         """Swap span ``index`` for fresh servers covering the same blocks, replaying its inputs up to ``position``."""
