@@ -38,6 +38,7 @@ from swarm.messages import (
     InferenceStep,
     OpenSession,
     PushRequest,
+    PushTarget,
     RpcResult,
     ServerInfoResult,
     StepResult,
@@ -88,6 +89,7 @@ class BlockHandler:
         self.pusher: Pusher | None = None
         """Set once the server's p2p is up (``attach``); None: outputs are never pushed."""
         self.push_stats = PushStats()
+        self._pushes: set[asyncio.Task] = set()
         self.leaving = asyncio.Event()
         """Set on graceful shutdown or a move: open sessions are told to fail over, new ones are refused."""
 
@@ -124,8 +126,8 @@ class BlockHandler:
                         if step.seq <= mailbox.taken:
                             continue  # the push won the race; this copy of the input is late
                         raise SessionError(f"step {step.seq} was filled but never announced as pushed")
-                    hidden = await self._input(step, request, mailbox, reader)
-                    response = await self._step(session, step, hidden, compression, mailbox.key)
+                    hidden, filled = await self._input(step, request, mailbox, reader)
+                    response = await self._step(session, step, hidden, compression, mailbox.key, filled)
                 except StopAsyncIteration:
                     return
                 except SwarmError as e:
@@ -157,11 +159,12 @@ class BlockHandler:
 
     async def _input(
         self, step: InferenceStep, request: runtime_pb2.ExpertRequest, mailbox: Mailbox, reader: RequestReader
-    ) -> torch.Tensor:
-        """The step's hidden states [B, S, D]: carried by the request, or pushed, or filled by the client."""
+    ) -> tuple[torch.Tensor, bool]:
+        """The step's hidden states [B, S, D] (carried by the request, or pushed, or filled by the client) and
+        whether a pushed step was filled."""
         if not step.pushed:
             (hidden,) = decode_tensors(request.tensors, 1)
-            return hidden
+            return hidden, False
         if request.tensors:
             raise BadRequestError("a pushed step carries no tensors")
         if step.seq <= mailbox.taken:
@@ -177,7 +180,7 @@ class BlockHandler:
                 raise BadRequestError(f"pushed input is for position {got.position}, the step is at {step.position}")
             self.push_stats.inputs_pushed += 1
             self.metrics.observe_push("received")
-            return got.hidden
+            return got.hidden, False
         fill_step = InferenceStep.decode(fill.metadata)
         if not fill_step.fill or fill_step.seq != step.seq:
             raise SessionError(f"step {step.seq} waits for its pushed input; the client sent another step")
@@ -185,7 +188,7 @@ class BlockHandler:
         mailbox.give_up(step.seq)
         self.push_stats.inputs_filled += 1
         self.metrics.observe_push("filled")
-        return hidden
+        return hidden, True
 
     async def _open(self, open_msg: OpenSession | None, peer: str) -> Session:
         if open_msg is None:
@@ -205,7 +208,13 @@ class BlockHandler:
         )
 
     async def _step(
-        self, session: Session, step: InferenceStep, hidden: torch.Tensor, compression: Compression, key: MailboxKey
+        self,
+        session: Session,
+        step: InferenceStep,
+        hidden: torch.Tensor,
+        compression: Compression,
+        key: MailboxKey,
+        filled: bool = False,
     ) -> runtime_pb2.ExpertResponse:
         check_hidden(hidden, self.state.hidden_size, self.settings.max_step_tokens, session.batch_size)
         if step.position > session.length:
@@ -221,23 +230,29 @@ class BlockHandler:
         out = await self.backend.inference_step(session, hidden, step.position)
         self.metrics.observe_step("inference", hidden.shape[0], hidden.shape[1], time.perf_counter() - began)
         encoded = encode(out, compression)
-        pushed = False
         if step.push_to is not None and self.pusher is not None:
             client_peer, session_id, _ = key
             meta = PushRequest(
                 session_id=session_id, client_peer_id=client_peer, start=step.push_to.start, seq=step.seq,
                 position=step.position,
             )  # fmt: skip
-            # Pushed before answering: the answer tells the client whether it must send the next input itself,
-            # and the next server computes meanwhile, so the wait is off the route's critical path.
-            pushed = await self.pusher.push(step.push_to, meta, encoded)
-            self.metrics.observe_push("sent" if pushed else "failed")
-            if pushed:
-                self.push_stats.sent += 1
-            else:
-                self.push_stats.failed += 1
-        result = StepResult(step_id=step.step_id, position=session.length, pushed=pushed)
+            # The push runs in the background: waiting for the next server's acknowledgement would hold this
+            # answer (and the client) while that server computes. A lost push costs the client a fill.
+            task = asyncio.create_task(self._push(step.push_to, meta, encoded))
+            self._pushes.add(task)
+            task.add_done_callback(self._pushes.discard)
+            await asyncio.sleep(0)  # let the push leave first: it is on the route's critical path
+        result = StepResult(step_id=step.step_id, position=session.length, filled=filled)
         return runtime_pb2.ExpertResponse(tensors=[encoded], metadata=result.encode())
+
+    async def _push(self, target: PushTarget, meta: PushRequest, hidden: runtime_pb2.Tensor) -> None:
+        assert self.pusher is not None
+        pushed = await self.pusher.push(target, meta, hidden)
+        self.metrics.observe_push("sent" if pushed else "failed")
+        if pushed:
+            self.push_stats.sent += 1
+        else:
+            self.push_stats.failed += 1
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         sender = str(context.remote_id)

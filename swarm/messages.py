@@ -5,10 +5,10 @@ Inference is a bidirectional stream. Every request carries one step (hidden stat
 for that step, or an ``error`` after which the server closes the stream.
 
 Server-to-server push: a step may name ``push_to``, the next span of the route; the server then also sends its
-output there itself (``rpc_push`` with a ``PushRequest``) and says in ``StepResult.pushed`` whether that server
-took it. A step with ``pushed`` set carries no tensors: its input comes by push, matched by the session-wide
-``seq``, or (the client path, when the push failed) from the client in a later message of the same stream with
-``fill`` set. The server uses whichever arrives first, exactly once.
+output there itself (``rpc_push`` with a ``PushRequest``), in the background, without holding its answer. A step
+with ``pushed`` set carries no tensors: its input comes by push, matched by the session-wide ``seq``, or (the
+client path, when no push came in time) from the client in a later message of the same stream with ``fill`` set.
+The server uses whichever arrives first, exactly once, and says in ``StepResult.filled`` which one it was.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class InferenceStep(_Message):
     pushed: bool = False
     """No tensors: the input of step ``seq`` will be pushed by the previous server (or filled by the client)."""
     fill: bool = False
-    """The client's copy of the input of the pushed step ``seq`` (sent when the push failed); tensors: [hidden]."""
+    """The client's copy of the input of pushed step ``seq`` (sent when no push came in time); tensors: [hidden]."""
 
 
 class StepResult(_Message):
@@ -87,8 +87,8 @@ class StepResult(_Message):
 
     step_id: int = 0
     position: int = 0
-    pushed: bool = False
-    """The output was pushed to ``push_to``'s server and that server took it."""
+    filled: bool = False
+    """The input of this pushed step came from the client's fill, not from the previous server."""
     error: ErrorPayload | None = None
 
 
@@ -132,7 +132,7 @@ class ServerInfoResult(_Message):
     pushes_sent: int = 0
     """Step outputs this server pushed to the next server, which took them."""
     pushes_failed: int = 0
-    """Pushes that the next server refused or that did not reach it (the client filled those steps itself)."""
+    """Pushes that the next server refused or that did not reach it."""
     inputs_pushed: int = 0
     """Steps whose input arrived by push from the previous server."""
     inputs_filled: int = 0

@@ -7,6 +7,7 @@ replaying the remembered inputs, and retries the step. Greedy output is unchange
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MAX_FILLS_IN_A_ROW = 3
+"""A span whose pushes keep failing (it refuses them, or the previous server cannot reach it) gets its inputs
+from the client for the rest of the session, so a broken push path costs a few fill delays, not one per step."""
+
 
 @dataclass
 class _Span:
@@ -35,6 +40,8 @@ class _Span:
     """The current step is sent and not yet answered."""
     awaits_push: bool = False
     """The current step's input comes by push from the previous span's server (or, failing that, a fill)."""
+    fills_in_a_row: int = 0
+    """Pushed steps in a row whose input the client had to fill; at MAX_FILLS_IN_A_ROW, pushes to it stop."""
 
     @property
     def hop(self) -> Hop:
@@ -65,7 +72,7 @@ class InferenceSession:
         self.recovery_s: list[float] = []
         """Time each failover took from the failure being noticed to the replacement being ready."""
         self.fills = 0
-        """Pushed steps whose input the client had to send itself (the push failed)."""
+        """Pushed steps whose input the client had to send itself (no push came in time)."""
         self._spans: list[_Span] = []
         self._seq = 0
         """Steps started in this session: the key that matches a pushed input to its step on every server."""
@@ -125,11 +132,13 @@ class InferenceSession:
 
     async def _run(self, hidden: torch.Tensor, position: int, seq: int) -> torch.Tensor:
         """Run step ``seq`` through every span, with failover. With push, every span but the first is told up
-        front that its input will come from the previous server; the client fills it only where a push failed."""
+        front that its input will come from the previous server; the client fills it only where no push came."""
         push = self.client.config.push and len(self._spans) > 1
         for index, span in enumerate(self._spans):
             span.sent = False
-            span.awaits_push = push and index > 0 and span.hop.server.record.push
+            span.awaits_push = (
+                push and index > 0 and span.hop.server.record.push and span.fills_in_a_row < MAX_FILLS_IN_A_ROW
+            )
         for index, span in enumerate(self._spans):
             if span.awaits_push:
                 await span.stream.send(None, position, seq=seq, push_to=self._push_target(index))
@@ -142,7 +151,10 @@ class InferenceSession:
                 if not span.sent:
                     await span.stream.send(x, position, seq=seq, push_to=self._push_target(index))
                     span.sent = True
-                out, pushed = await span.stream.receive(x.shape[1], x.dtype)
+                fill = None
+                if span.awaits_push:
+                    fill = functools.partial(span.stream.send, x, position, seq=seq, fill=True)  # the client path
+                out, filled = await span.stream.receive(x.shape[1], x.dtype, fill)
             except SwarmError as e:
                 failures += 1
                 if not e.retryable or failures > self.client.config.max_retries:
@@ -156,13 +168,12 @@ class InferenceSession:
                     failures += 1
                 continue
             span.sent = False
+            if span.awaits_push:
+                span.fills_in_a_row = span.fills_in_a_row + 1 if filled else 0
+                self.fills += filled
             span.inputs.append(x)
             x = out
             index += 1
-            following = self._spans[index] if index < len(self._spans) else None
-            if following is not None and following.awaits_push and not pushed:
-                await following.stream.send(x, position, seq=seq, fill=True)  # the client path
-                self.fills += 1
         return x
 
     def _push_target(self, index: int) -> PushTarget | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from swarm.client import SwarmClient
 
 logger = logging.getLogger(__name__)
+
+MIN_FILL_AFTER_S = 0.02
+FILL_AFTER_FACTOR = 4.0
 
 _TRANSPORT_ERRORS = (
     P2PHandlerError,
@@ -96,6 +99,7 @@ class SpanStream:
         self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
         self._step_id = 0
         self._decode_s: float | None = None  # moving average of this stream's single-token step time
+        self._pushed_s: float | None = None  # the same for pushed steps, from the previous span's answer
         self.closed = False
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
@@ -137,8 +141,13 @@ class SpanStream:
             stub = BlockService.get_stub(self._client.p2p, self._client.peer(self.hop.peer_id))
             self._connecting = asyncio.ensure_future(stub.rpc_inference(self._iterate_requests()))
 
-    async def receive(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-        """The output [B, length, D] of the oldest unanswered step, and whether the server pushed it onwards."""
+    async def receive(
+        self, length: int, dtype: torch.dtype, fill: Callable[[], Awaitable[None]] | None = None
+    ) -> tuple[torch.Tensor, bool]:
+        """The output [B, length, D] of the oldest unanswered step, and whether its (pushed) input was filled.
+
+        For a pushed step, ``fill`` sends the input from the client when no answer came within ``fill_after``.
+        """
         if self.closed or self._connecting is None:
             raise PeerUnreachableError(f"stream to peer {self.hop.peer_id} is closed")
         timeout = self._step_timeout(length)
@@ -146,7 +155,12 @@ class SpanStream:
         try:
             if self._responses is None:
                 self._responses = await asyncio.wait_for(self._connecting, self._client.config.connect_timeout_s)
-            response = await asyncio.wait_for(anext(self._responses), timeout)
+            answer = asyncio.ensure_future(anext(self._responses))
+            if fill is not None:
+                await asyncio.wait({answer}, timeout=self._fill_after(length))
+                if not answer.done():
+                    await fill()
+            response = await asyncio.wait_for(answer, max(timeout - (time.perf_counter() - began), 0.0))
             self._client.wire_bytes_received += response.ByteSize()
         except (TimeoutError, StopAsyncIteration) as e:
             await self.close()
@@ -168,7 +182,18 @@ class SpanStream:
             elapsed = time.perf_counter() - began
             self._decode_s = elapsed if self._decode_s is None else 0.8 * self._decode_s + 0.2 * elapsed
             self._client.throughputs.observe(self.hop.peer_id, self.hop.end - self.hop.start, elapsed)
-        return decode(response.tensors[0]).to(dtype), result.pushed
+            if fill is not None and not result.filled:
+                self._pushed_s = elapsed if self._pushed_s is None else 0.8 * self._pushed_s + 0.2 * elapsed
+        return decode(response.tensors[0]).to(dtype), result.filled
+
+    def _fill_after(self, length: int) -> float:
+        """How long to wait for a pushed step's answer before sending its input: a few times what pushed decode
+        steps of this server took (counted from the previous span's answer); prefills and first steps wait
+        ``push_fill_s``."""
+        config = self._client.config
+        if length > 1 or self._pushed_s is None:
+            return config.push_fill_s
+        return min(config.push_fill_s, max(MIN_FILL_AFTER_S, FILL_AFTER_FACTOR * self._pushed_s))
 
     def _step_timeout(self, length: int) -> float:
         """A dead server often shows only as silence, so a decode step that takes far longer than this server's
