@@ -7,7 +7,7 @@ Prints medians and the swarm/local ratio; saves artifacts/bench_swarm.json.
 
 With ``--compare push`` it compares the swarm with server-to-server push on and off instead (two clients on the
 same servers, alternating), over ``--spans`` (e.g. ``0:10,10:20,20:30`` for three hops), and saves
-scripts/results/bench_swarm_push.json.
+scripts/results/bench_swarm_push_<N>hops.json.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def main() -> None:
             swarm.wait_ready(server)
         if args.compare == "push":
             report = compare_push(swarm, input_ids, args)
-            write(report, REPO / "scripts" / "results" / "bench_swarm_push.json")
+            hops = len(args.spans.split(","))
+            write(report, REPO / "scripts" / "results" / f"bench_swarm_push_{hops}hops.json")
             return
         remote = AutoDistributedModelForCausalLM.from_pretrained(MODEL, swarm.initial_peers, cache_dir=CACHE)
 

@@ -136,8 +136,13 @@ class InferenceSession:
         push = self.client.config.push and len(self._spans) > 1
         for index, span in enumerate(self._spans):
             span.sent = False
+            # A stream's first step opens the session there, so a push could arrive before it: not pushed.
             span.awaits_push = (
-                push and index > 0 and span.hop.server.record.push and span.fills_in_a_row < MAX_FILLS_IN_A_ROW
+                push
+                and index > 0
+                and span.stream.answered > 0
+                and span.hop.server.record.push
+                and span.fills_in_a_row < MAX_FILLS_IN_A_ROW
             )
         for index, span in enumerate(self._spans):
             if span.awaits_push:

@@ -101,6 +101,8 @@ class SpanStream:
         self._decode_s: float | None = None  # moving average of this stream's single-token step time
         self._pushed_s: float | None = None  # the same for pushed steps, from the previous span's answer
         self.closed = False
+        self.answered = 0
+        """Steps this server has answered on this stream (0: it may not even have opened the session yet)."""
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """Send hidden [B, S, D] for positions [position, position + S); return the span's output."""
@@ -184,6 +186,7 @@ class SpanStream:
             self._client.throughputs.observe(self.hop.peer_id, self.hop.end - self.hop.start, elapsed)
             if fill is not None and not result.filled:
                 self._pushed_s = elapsed if self._pushed_s is None else 0.8 * self._pushed_s + 0.2 * elapsed
+        self.answered += 1
         return decode(response.tensors[0]).to(dtype), result.filled
 
     def _fill_after(self, length: int) -> float:

@@ -103,11 +103,10 @@ def test_push_chain_matches_local_and_push_off(local_swarm, folder, chain, expec
     sent = [a.pushes_sent - m.pushes_sent for m, a in zip(middle, after, strict=True)]
     received = [a.inputs_pushed - m.inputs_pushed for m, a in zip(middle, after, strict=True)]
     filled = [a.inputs_filled - m.inputs_filled for m, a in zip(middle, after, strict=True)]
+    # The first step opens the streams and is not pushed; every later one went server to server, none filled.
     assert sent[2] == 0 and received[0] == 0, "the first server gets its input from the client, the last pushes none"
-    assert received[1] >= NEW_TOKENS - 1 and received[2] >= NEW_TOKENS - 1
-    assert min(sent[:2]) >= NEW_TOKENS - 1, "every step's output went on to the next server"
-    assert [r + f for r, f in zip(received, filled, strict=True)] == [0, NEW_TOKENS, NEW_TOKENS]
-    assert session_on.fills == sum(filled) <= 2, "only the very first step may race the streams' opening"
+    assert received[1:] == [NEW_TOKENS - 1] * 2 and filled == [0, 0, 0] and session_on.fills == 0
+    assert min(sent[:2]) >= NEW_TOKENS - 2, "counted once acknowledged: the very last may still be on its way"
 
 
 def test_refused_push_falls_back_to_the_client(local_swarm, folder, chain, expected):
