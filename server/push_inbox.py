@@ -5,6 +5,9 @@ by the step's session-wide ``seq``; the stream takes it when it reaches that ste
 stream has read the step's header, so a few early ones are kept (bounded). Each ``seq`` is used once: a later
 copy (a slow push after the client filled the step, or the reverse) is dropped, and older leftovers are dropped
 as soon as a newer step is taken.
+
+Who may push: in a private swarm, any peer proving the secret; in any swarm, only a peer that knows the session
+id, a random 128-bit value that the client shares with the servers of its route alone.
 """
 
 from __future__ import annotations
