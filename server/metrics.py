@@ -41,6 +41,12 @@ class ServerMetrics:
             registry=r,
         )
         self.errors = Counter("petals_server_errors", "Requests answered with an error, by code.", ["code"], registry=r)
+        self.pushes = Counter(
+            "petals_server_pushes",
+            "Server-to-server push: outputs sent or failed, inputs received by push or filled by the client.",
+            ["outcome"],
+            registry=r,
+        )
         self.cache_used = Gauge(
             "petals_server_cache_bytes_used", "Attention cache memory held by sessions.", registry=r
         )
@@ -63,6 +69,9 @@ class ServerMetrics:
         self.tokens.labels(kind).inc(batch_size * length)
         self.batch_size.labels(kind).observe(batch_size)
         self.step_seconds.labels(kind).observe(seconds)
+
+    def observe_push(self, outcome: str) -> None:
+        self.pushes.labels(outcome).inc()
 
     def observe_error(self, code: str) -> None:
         self.errors.labels(code).inc()

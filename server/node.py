@@ -24,6 +24,7 @@ from server.metrics import ServerMetrics
 from server.model import BlockSpan
 from server.model.attention import avoid_cudnn_attention
 from server.placement import choose_span
+from server.push import Pusher
 from server.rebalance import plan_move
 from server.rpc import BlockHandler, ServingState
 from server.sessions import SessionLimits, SessionRegistry
@@ -179,6 +180,7 @@ class BlockServer:
             device=str(hosting.backend.device),
             dtype=str(hosting.backend.dtype).split(".")[-1],
             adapters=sorted(hosting.backend.adapters),
+            push=True,
         )
         record = ServerRecord.model_validate(self.signer.sign(record.to_wire()))
         if self.secret is not None:
@@ -193,6 +195,7 @@ class BlockServer:
             version=VERSION,
         )  # fmt: skip
         p2p = await self.dht.replicate_p2p()
+        self.handler.attach(Pusher(p2p, self.peer_id, self.settings.push_timeout_s, self.secret))
         await BlockService().add_p2p_handlers(p2p, wrapper=self.handler)
         await self.announcer.announce_now(ServerState.ONLINE)
         self.announcer.start()

@@ -11,20 +11,34 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
 from server.backend import SpanBackend
 from server.metrics import ServerMetrics
+from server.push import Pusher, PushStats
+from server.push_inbox import Mailbox, MailboxKey, Pushed, PushInbox
 from server.sessions import Session, SessionRegistry
 from server.settings import ServerSettings
+from server.stream_reader import RequestReader
 from server.validation import check_hidden, check_span, check_tuning, decode_tensors
+from swarm import PROTOCOL_VERSION
 from swarm.auth import SwarmSecret
-from swarm.errors import BadRequestError, ErrorPayload, ServerLeavingError, SessionError, SwarmError
+from swarm.errors import (
+    BadRequestError,
+    ErrorPayload,
+    ProtocolMismatchError,
+    ServerLeavingError,
+    SessionError,
+    SwarmError,
+)
 from swarm.messages import (
     ForwardRequest,
     InferenceStep,
     OpenSession,
+    PushRequest,
+    PushTarget,
     RpcResult,
     ServerInfoResult,
     StepResult,
@@ -72,8 +86,16 @@ class BlockHandler:
         self.secret = secret
         """A private swarm's secret: every session and unary call must prove it (rpc_info stays open: it tells
         no more than the DHT record does)."""
+        self.inbox = PushInbox()
+        self.pusher: Pusher | None = None
+        """Set once the server's p2p is up (``attach``); None: outputs are never pushed."""
+        self.push_stats = PushStats()
+        self._pushes: set[asyncio.Task] = set()
         self.leaving = asyncio.Event()
         """Set on graceful shutdown or a move: open sessions are told to fail over, new ones are refused."""
+
+    def attach(self, pusher: Pusher) -> None:
+        self.pusher = pusher
 
     def host(self, state: ServingState, backend: SpanBackend, sessions: SessionRegistry) -> None:
         """Serve another span (after a rebalancing move) and take sessions again."""
@@ -86,29 +108,31 @@ class BlockHandler:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         peer = str(context.remote_id)
         session: Session | None = None
+        mailbox: Mailbox | None = None
         registry = self.sessions  # the server may move to other blocks meanwhile; close where we opened
         compression: Compression = "none"
+        reader = RequestReader(requests, self.leaving)
         try:
             while True:
                 try:
-                    request = await self._next_request(requests)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    yield _step_error(SessionError("session closed: idle for too long").to_payload())
-                    return
-                except ServerLeavingError as e:
-                    # Tell the client now, so it fails over at once instead of finding a dead stream later.
-                    yield _step_error(e.to_payload())
-                    return
-                try:
+                    request = await self._next_request(reader)
                     step = InferenceStep.decode(request.metadata)
                     tensors = list(request.tensors)
                     if session is None:
                         session = await self._open(step.open, peer, tensors[1:])
-                        compression = step.open.compression if step.open else compression
+                        assert step.open is not None  # _open refuses a first message without it
+                        mailbox = self.inbox.open((peer, step.open.session_id, step.open.start), session.batch_size)
+                        compression = step.open.compression
                         tensors = tensors[:1]  # the rest were the session's tuning tensors
-                    response = await self._step(session, step, tensors, compression)
+                    assert mailbox is not None
+                    if step.fill:
+                        if step.seq <= mailbox.taken:
+                            continue  # the push won the race; this copy of the input is late
+                        raise SessionError(f"step {step.seq} was filled but never announced as pushed")
+                    hidden, filled = await self._input(step, tensors, mailbox, reader)
+                    response = await self._step(session, step, hidden, compression, mailbox.key, filled)
+                except StopAsyncIteration:
+                    return
                 except SwarmError as e:
                     logger.info("inference from %s refused: %s", peer[-8:], e)
                     self.metrics.observe_error(e.code)
@@ -121,29 +145,53 @@ class BlockHandler:
                     return
                 yield response
         finally:
+            reader.cancel()
+            if mailbox is not None:
+                self.inbox.close(mailbox)
             if session is not None:
                 registry.close(session)
 
-    async def _next_request(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> runtime_pb2.ExpertRequest:
-        """The next request; TimeoutError when idle too long, ServerLeavingError once the server is leaving."""
-        if self.leaving.is_set():
-            raise ServerLeavingError("this server is leaving the swarm; continue on another server")
-        receive = asyncio.ensure_future(anext(requests))
-        leaving = asyncio.ensure_future(self.leaving.wait())
+    async def _next_request(
+        self, reader: RequestReader, also: asyncio.Future | None = None
+    ) -> runtime_pb2.ExpertRequest | None:
+        """The next request (None once ``also`` is done first); SessionError when the client is idle too long."""
         try:
-            done, _ = await asyncio.wait(
-                {receive, leaving}, timeout=self.settings.session_idle_timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            return await reader.next(self.settings.session_idle_timeout_s, also)
+        except TimeoutError:
+            raise SessionError("session closed: idle for too long") from None
+
+    async def _input(
+        self, step: InferenceStep, tensors: list, mailbox: Mailbox, reader: RequestReader
+    ) -> tuple[torch.Tensor, bool]:
+        """The step's hidden states [B, S, D] (carried by the request's ``tensors``, or pushed, or filled by the
+        client) and whether a pushed step was filled."""
+        if not step.pushed:
+            (hidden,) = decode_tensors(tensors, 1)
+            return hidden, False
+        if tensors:
+            raise BadRequestError("a pushed step carries no tensors")
+        if step.seq <= mailbox.taken:
+            raise BadRequestError(f"step {step.seq} is not after the last step {mailbox.taken}")
+        pushed = mailbox.receive(step.seq)
+        try:
+            fill = await self._next_request(reader, also=pushed)
         finally:
-            leaving.cancel()
-        if self.leaving.is_set():
-            # Leaving wins over a waiting request: the client replays that step on another server.
-            receive.cancel()
-            raise ServerLeavingError("this server is leaving the swarm; continue on another server")
-        if receive in done:
-            return receive.result()
-        receive.cancel()
-        raise TimeoutError
+            pushed.cancel()  # no-op once done; otherwise stops waiting for it
+        if fill is None:
+            got = pushed.result()
+            if got.position != step.position:
+                raise BadRequestError(f"pushed input is for position {got.position}, the step is at {step.position}")
+            self.push_stats.inputs_pushed += 1
+            self.metrics.observe_push("received")
+            return got.hidden, False
+        fill_step = InferenceStep.decode(fill.metadata)
+        if not fill_step.fill or fill_step.seq != step.seq:
+            raise SessionError(f"step {step.seq} waits for its pushed input; the client sent another step")
+        (hidden,) = decode_tensors(fill.tensors, 1)
+        mailbox.give_up(step.seq)
+        self.push_stats.inputs_filled += 1
+        self.metrics.observe_push("filled")
+        return hidden, True
 
     async def _open(self, open_msg: OpenSession | None, peer: str, tuning_tensors: list) -> Session:
         if open_msg is None:
@@ -169,9 +217,14 @@ class BlockHandler:
         return session
 
     async def _step(
-        self, session: Session, step: InferenceStep, tensors: list, compression: Compression
+        self,
+        session: Session,
+        step: InferenceStep,
+        hidden: torch.Tensor,
+        compression: Compression,
+        key: MailboxKey,
+        filled: bool = False,
     ) -> runtime_pb2.ExpertResponse:
-        (hidden,) = decode_tensors(tensors, 1)
         check_hidden(hidden, self.state.hidden_size, self.settings.max_step_tokens, session.batch_size)
         if step.position > session.length:
             raise BadRequestError(f"step position {step.position} is past the session's length {session.length}")
@@ -180,11 +233,61 @@ class BlockHandler:
                 f"step reaches {step.position + hidden.shape[1]} tokens, "
                 f"over the session's max_length {session.max_length}"
             )
+        if step.push_to is not None and step.seq <= 0:
+            raise BadRequestError("a step that asks for a push needs a positive seq")
         began = time.perf_counter()
         out = await self.backend.inference_step(session, hidden, step.position)
         self.metrics.observe_step("inference", hidden.shape[0], hidden.shape[1], time.perf_counter() - began)
-        result = StepResult(step_id=step.step_id, position=session.length)
-        return runtime_pb2.ExpertResponse(tensors=[encode(out, compression)], metadata=result.encode())
+        encoded = encode(out, compression)
+        if step.push_to is not None and self.pusher is not None:
+            client_peer, session_id, _ = key
+            meta = PushRequest(
+                session_id=session_id, client_peer_id=client_peer, start=step.push_to.start, seq=step.seq,
+                position=step.position,
+            )  # fmt: skip
+            # The push runs in the background: waiting for the next server's acknowledgement would hold this
+            # answer (and the client) while that server computes. A lost push costs the client a fill.
+            task = asyncio.create_task(self._push(step.push_to, meta, encoded))
+            self._pushes.add(task)
+            task.add_done_callback(self._pushes.discard)
+            await asyncio.sleep(0)  # let the push leave first: it is on the route's critical path
+        result = StepResult(step_id=step.step_id, position=session.length, filled=filled)
+        return runtime_pb2.ExpertResponse(tensors=[encoded], metadata=result.encode())
+
+    async def _push(self, target: PushTarget, meta: PushRequest, hidden: runtime_pb2.Tensor) -> None:
+        assert self.pusher is not None
+        pushed = await self.pusher.push(target, meta, hidden)
+        self.metrics.observe_push("sent" if pushed else "failed")
+        if pushed:
+            self.push_stats.sent += 1
+        else:
+            self.push_stats.failed += 1
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        sender = str(context.remote_id)
+        try:
+            meta = PushRequest.decode(request.metadata)
+            if self.secret is not None:
+                self.secret.check(meta.auth, sender, self.peer_id)
+            if meta.protocol_version != PROTOCOL_VERSION:
+                raise ProtocolMismatchError(
+                    f"pusher speaks protocol {meta.protocol_version}, this server speaks {PROTOCOL_VERSION}"
+                )
+            if not self.settings.accept_push:
+                raise BadRequestError("this server does not take pushed inputs (--accept-push false)")
+            mailbox = self.inbox.mailbox((meta.client_peer_id, meta.session_id, meta.start))
+            (hidden,) = decode_tensors(request.tensors, 1)
+            check_hidden(hidden, self.state.hidden_size, self.settings.max_step_tokens, mailbox.batch_size)
+            mailbox.deliver(meta.seq, Pushed(meta.position, hidden, sender))
+            return runtime_pb2.ExpertResponse(metadata=RpcResult().encode())
+        except SwarmError as e:
+            logger.info("push from %s refused: %s", sender[-8:], e)
+            self.metrics.observe_error(e.code)
+            return runtime_pb2.ExpertResponse(metadata=RpcResult(error=e.to_payload()).encode())
+        except Exception:
+            logger.exception("push from %s failed", sender[-8:])
+            self.metrics.observe_error(_INTERNAL.code)
+            return runtime_pb2.ExpertResponse(metadata=RpcResult(error=_INTERNAL).encode())
 
     # --- stateless ---------------------------------------------------------------------------------------------
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -237,6 +340,10 @@ class BlockHandler:
             max_batch_sessions_seen=self.backend.stats.max_sessions,
             max_batch_rows_seen=self.backend.stats.max_rows,
             batched_steps=self.backend.stats.batched_steps,
+            pushes_sent=self.push_stats.sent,
+            pushes_failed=self.push_stats.failed,
+            inputs_pushed=self.push_stats.inputs_pushed,
+            inputs_filled=self.push_stats.inputs_filled,
         )
         return runtime_pb2.ExpertResponse(metadata=info.encode())
 

@@ -88,6 +88,13 @@ class ServerSettings(BaseSettings):
         le=MAX_RECORD_TTL_S / 3,
         description="how often the server re-announces itself (records live three periods, at most the DHT's limit)",
     )
+    accept_push: bool = Field(
+        True,
+        description="take inputs pushed by the previous server of a route (false: clients send every input themselves)",
+    )
+    push_timeout_s: float = Field(
+        1.0, gt=0, description="how long pushing an output to the next server may take before the client sends it"
+    )
     rebalance_period_s: float = Field(
         60.0, ge=0, description="with --blocks: how often to check whether moving would help the swarm (0: never)"
     )

@@ -59,6 +59,12 @@ class ClientConfig:
     route_jitter: float = 0.1
     compression: Compression = "none"
     """Activations on the wire: "none" or "float16" (half the bytes; greedy output unchanged on SmolLM2)."""
+    push: bool = True
+    """Server-to-server push: each server sends its output straight to the next server of the route (the client
+    still gets every output, for failover, and sends an input itself only where no push came in time)."""
+    push_fill_s: float = 0.5
+    """With push: the longest wait for a pushed step's answer before the client sends the input itself (decode
+    steps wait a few times what that server's pushed steps took, less when it is fast)."""
     swarm_secret: str | None = field(default=None, repr=False)
     """A private swarm's shared secret: requests carry a proof of it, and servers whose DHT records are not
     signed with it are never used. None: a public swarm."""

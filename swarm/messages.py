@@ -3,6 +3,12 @@
 Inference is a bidirectional stream. Every request carries one step (hidden states for positions
 [position, position + S)); the first request also carries ``open``. Every response carries the span's output
 for that step, or an ``error`` after which the server closes the stream.
+
+Server-to-server push: a step may name ``push_to``, the next span of the route; the server then also sends its
+output there itself (``rpc_push`` with a ``PushRequest``), in the background, without holding its answer. A step
+with ``pushed`` set carries no tensors: its input comes by push, matched by the session-wide ``seq``, or (the
+client path, when no push came in time) from the client in a later message of the same stream with ``fill`` set.
+The server uses whichever arrives first, exactly once, and says in ``StepResult.filled`` which one it was.
 """
 
 from __future__ import annotations
@@ -95,12 +101,27 @@ class OpenSession(SpanRequest):
     """Trainable tensors for every step of the session; they follow the hidden states of the opening step."""
 
 
+class PushTarget(_Message):
+    """Where a span's output goes next: the server of the route's next span, and that span's first block."""
+
+    peer_id: str = Field(min_length=1, max_length=128)
+    start: int = Field(ge=0)
+
+
 class InferenceStep(_Message):
-    """One step of an inference stream; tensors: [hidden [B, S, D]] (+ the session's tuning tensors when opening)."""
+    """One step of an inference stream; tensors: [hidden [B, S, D]] (+ the session's tuning tensors when opening),
+    or none when ``pushed``."""
 
     open: OpenSession | None = None
     position: int = Field(ge=0, description="position of the first token of this step in the session")
     step_id: int = 0
+    seq: int = Field(default=0, ge=0, description="session-wide step number, the same on every hop (push key)")
+    push_to: PushTarget | None = None
+    """Also push this step's output to that server (its stream for this session waits for it)."""
+    pushed: bool = False
+    """No tensors: the input of step ``seq`` will be pushed by the previous server (or filled by the client)."""
+    fill: bool = False
+    """The client's copy of the input of pushed step ``seq`` (sent when no push came in time); tensors: [hidden]."""
 
 
 class StepResult(_Message):
@@ -108,6 +129,8 @@ class StepResult(_Message):
 
     step_id: int = 0
     position: int = 0
+    filled: bool = False
+    """The input of this pushed step came from the client's fill, not from the previous server."""
     error: ErrorPayload | None = None
 
 
@@ -116,6 +139,19 @@ class ForwardRequest(SpanRequest):
     With ``tuning``, its tensors follow (``TuningSpec``)."""
 
     tuning: TuningSpec | None = None
+
+
+class PushRequest(_Message):
+    """A span's output pushed to the server of the next span; tensors: [hidden [B, S, D]]. Answer: RpcResult."""
+
+    protocol_version: int = PROTOCOL_VERSION
+    session_id: str = Field(min_length=1, max_length=64)
+    client_peer_id: str = Field(min_length=1, max_length=128, description="the peer that owns the session")
+    start: int = Field(ge=0, description="first block of the receiving span")
+    seq: int = Field(gt=0)
+    position: int = Field(ge=0)
+    auth: RpcProof | None = None
+    """Private swarms: the pushing server's proof of the swarm secret."""
 
 
 class RpcResult(_Message):
@@ -138,3 +174,11 @@ class ServerInfoResult(_Message):
     """Most rows (sum of those sessions' batch sizes) one forward has run."""
     batched_steps: int = 0
     """Steps that ran in a forward shared with another session's."""
+    pushes_sent: int = 0
+    """Step outputs this server pushed to the next server, which took them."""
+    pushes_failed: int = 0
+    """Pushes that the next server refused or that did not reach it."""
+    inputs_pushed: int = 0
+    """Steps whose input arrived by push from the previous server."""
+    inputs_filled: int = 0
+    """Steps that waited for a push but got their input from the client instead."""

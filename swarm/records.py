@@ -36,6 +36,8 @@ class ServerRecord(BaseModel):
     dtype: str = "float32"
     adapters: list[str] = Field(default_factory=list)
     """Names of the LoRA adapters this server applies on request (``--adapters``); older servers announce none."""
+    push: bool = False
+    """Understands pushed steps (server-to-server push); older servers lack the field and are never asked to."""
     auth: str | None = None
     """Private swarms: the server's HMAC of this record under the swarm secret (``swarm.auth``)."""
     public_key: str | None = None

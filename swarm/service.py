@@ -28,6 +28,10 @@ class BlockService(ServicerBase):
         """Gradient w.r.t. a span's input: tensors [hidden, grad_output] -> [grad_input]."""
         raise NotImplementedError
 
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A previous server's output for a session's waiting step: ``PushRequest`` -> ``RpcResult``."""
+        raise NotImplementedError
+
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """``ServerInfoResult``; also a latency probe."""
         raise NotImplementedError

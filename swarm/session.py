@@ -9,6 +9,7 @@ is used.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from swarm.errors import BadRequestError, SwarmError, WrongActivationsError
-from swarm.messages import OpenSession
+from swarm.messages import OpenSession, PushTarget
 from swarm.routing import Hop
 from swarm.span_call import SpanStream
 from swarm.span_tensors import SpanTensors
@@ -28,12 +29,25 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MAX_FILLS_IN_A_ROW = 3
+"""A span whose pushes keep failing (it refuses them, or the previous server cannot reach it) gets its inputs
+from the client for the rest of the session, so a broken push path costs a few fill delays, not one per step."""
+
 
 @dataclass
 class _Span:
     stream: SpanStream
     inputs: list[torch.Tensor] = field(default_factory=list)
     """Inputs sent so far, in position order: chunks of [B, S_i, D] covering [0, session position)."""
+    sent: bool = False
+    """The current step is sent and not yet answered."""
+    awaits_push: bool = False
+    """The current step's input comes by push from the previous span's server (or, failing that, a fill)."""
+    fills_in_a_row: int = 0
+    """Pushed steps in a row whose input the client had to fill; at MAX_FILLS_IN_A_ROW, pushes to it stop."""
+    checked: bool | None = None
+    """The current step's output is spot-checked before it is used (None: not decided yet, as for a replacement
+    span); a checked span pushes nothing, so a liar's output never reaches the next server."""
 
     @property
     def hop(self) -> Hop:
@@ -76,7 +90,11 @@ class InferenceSession:
         self.failovers = 0
         self.recovery_s: list[float] = []
         """Time each failover took from the failure being noticed to the replacement being ready."""
+        self.fills = 0
+        """Pushed steps whose input the client had to send itself (no push came in time)."""
         self._spans: list[_Span] = []
+        self._seq = 0
+        """Steps started in this session: the key that matches a pushed input to its step on every server."""
         self._closed = False
 
     async def __aenter__(self) -> InferenceSession:
@@ -121,13 +139,55 @@ class InferenceSession:
         if position < self.position:
             for span in self._spans:
                 span.truncate(position)
+        self._seq += 1
+        try:
+            x = await self._run(hidden, position, self._seq)
+        except BaseException:
+            # A span left mid-step holds a half-done step: close it, so the next step fails it over and replays.
+            for span in self._spans:
+                if span.sent:
+                    await span.stream.close()
+            raise
+        self.position = position + hidden.shape[1]
+        return x
+
+    async def _run(self, hidden: torch.Tensor, position: int, seq: int) -> torch.Tensor:
+        """Run step ``seq`` through every span, with failover. With push, every span but the first is told up
+        front that its input will come from the previous server; the client fills it only where no push came."""
+        push = self.client.config.push and len(self._spans) > 1
+        for index, span in enumerate(self._spans):
+            span.sent = False
+            span.checked = self._wants_check(span, position + hidden.shape[1])
+            # A stream's first step opens the session there, so a push could arrive before it: not pushed.
+            span.awaits_push = (
+                push
+                and index > 0
+                and not self._spans[index - 1].checked
+                and span.stream.answered > 0
+                and span.hop.server.record.push
+                and span.fills_in_a_row < MAX_FILLS_IN_A_ROW
+            )
+        for index, span in enumerate(self._spans):
+            if span.awaits_push:
+                await span.stream.send(None, position, seq=seq, push_to=self._push_target(index))
+                span.sent = True
         x = hidden
         index, failures = 0, 0
         while index < len(self._spans):
             span = self._spans[index]
             try:
-                out = await span.stream.step(x, position)
-                await self._spot_check(span, x, out, position)
+                if span.checked is None:  # a replacement after a failover: its step gets its own draw
+                    span.checked = self._wants_check(span, position + x.shape[1])
+                if not span.sent:
+                    push_to = None if span.checked else self._push_target(index)
+                    await span.stream.send(x, position, seq=seq, push_to=push_to)
+                    span.sent = True
+                fill = None
+                if span.awaits_push:
+                    fill = functools.partial(span.stream.send, x, position, seq=seq, fill=True)  # the client path
+                out, filled = await span.stream.receive(x.shape[1], x.dtype, fill)
+                if span.checked:
+                    await self._spot_check(span, x, out)
             except SwarmError as e:
                 failures += 1
                 if not e.retryable or failures > self.client.config.max_retries:
@@ -140,26 +200,37 @@ class InferenceSession:
                         raise
                     failures += 1
                 continue
+            span.sent = False
+            if span.awaits_push:
+                span.fills_in_a_row = span.fills_in_a_row + 1 if filled else 0
+                self.fills += filled
             span.inputs.append(x)
             x = out
             index += 1
-        self.position = position + hidden.shape[1]
         return x
 
-    async def _spot_check(self, span: _Span, x: torch.Tensor, out: torch.Tensor, position: int) -> None:
-        """Raise ``WrongActivationsError`` (the span then fails over) if a spot-check caught the span's server:
-        its output for ``x`` is recomputed statelessly elsewhere from the span's inputs [0, position) and ``x``."""
-        checker = self.client.spot_checker
+    def _wants_check(self, span: _Span, tokens: int) -> bool:
+        """Whether to spot-check this step of ``span`` (its recomputation spans ``tokens`` positions)."""
         if self.extras is not None or self.adapter is not None:
-            return  # checkers recompute the plain blocks; a tuned session's steps are not checked
-        if not checker.wanted(position + x.shape[1]):
-            return
+            return False  # checkers recompute the plain blocks; a tuned session's steps are not checked
+        return self.client.spot_checker.wanted(tokens)
+
+    async def _spot_check(self, span: _Span, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Raise ``WrongActivationsError`` (the span then fails over) if a spot-check caught the span's server:
+        its output for ``x`` is recomputed statelessly elsewhere from the span's past inputs and ``x``."""
         history = torch.cat([*span.inputs, x], dim=1)  # [B, position + S, D]
-        if await checker.caught(self.model_id, span.hop, history, out):
+        if await self.client.spot_checker.caught(self.model_id, span.hop, history, out):
             await span.stream.close()
             raise WrongActivationsError(
                 f"peer {span.hop.peer_id} returned wrong activations for blocks {span.hop.start}:{span.hop.end}"
             )
+
+    def _push_target(self, index: int) -> PushTarget | None:
+        """Where span ``index`` should push its output: the next span, if that one waits for a push."""
+        if index + 1 < len(self._spans) and self._spans[index + 1].awaits_push:
+            hop = self._spans[index + 1].hop
+            return PushTarget(peer_id=hop.peer_id, start=hop.start)
+        return None
 
     async def _replace(self, index: int, error: SwarmError, position: int) -> None:
         """Swap span ``index`` for fresh servers covering the same blocks, replaying its inputs up to ``position``."""

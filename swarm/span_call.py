@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm.auth import RpcProof
 from swarm.errors import PeerUnreachableError, SwarmError, error_from_payload
-from swarm.messages import ForwardRequest, InferenceStep, OpenSession, RpcResult, StepResult
+from swarm.messages import ForwardRequest, InferenceStep, OpenSession, PushTarget, RpcResult, StepResult
 from swarm.routing import Hop
 from swarm.service import BlockService
 from swarm.span_tensors import SpanTensors
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from swarm.client import SwarmClient
 
 logger = logging.getLogger(__name__)
+
+MIN_FILL_AFTER_S = 0.02
+FILL_AFTER_FACTOR = 4.0
 
 _TRANSPORT_ERRORS = (
     P2PHandlerError,
@@ -133,36 +136,76 @@ class SpanStream:
         self._client = client
         self._open_msg: OpenSession | None = open_msg
         self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
+        self._connecting: asyncio.Future[AsyncIterator[runtime_pb2.ExpertResponse]] | None = None
         self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
         self._step_id = 0
         self._decode_s: float | None = None  # moving average of this stream's single-token step time
+        self._pushed_s: float | None = None  # the same for pushed steps, from the previous span's answer
         self.closed = False
+        self.answered = 0
+        """Steps this server has answered on this stream (0: it may not even have opened the session yet)."""
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """Send hidden [B, S, D] for positions [position, position + S); return the span's output."""
+        await self.send(hidden, position)
+        out, _ = await self.receive(hidden.shape[1], hidden.dtype)
+        return out
+
+    async def send(
+        self,
+        hidden: torch.Tensor | None,
+        position: int,
+        *,
+        seq: int = 0,
+        push_to: PushTarget | None = None,
+        fill: bool = False,
+    ) -> None:
+        """Queue one step: hidden [B, S, D] for positions [position, position + S), or (None) a step whose input
+        is pushed by the previous server; ``fill`` sends the input of pushed step ``seq`` after all. Failures
+        show in ``receive``."""
         if self.closed:
-            raise PeerUnreachableError(f"stream to peer {self.hop.peer_id} is closed")
-        self._step_id += 1
+            return
+        if not fill:
+            self._step_id += 1
         open_msg = self._open_msg
         if open_msg is not None and self._client.secret is not None:
             open_msg = open_msg.model_copy(update={"auth": prove(self._client, self.hop)})
-        meta = InferenceStep(open=open_msg, position=position, step_id=self._step_id)
-        tensors = [encode(hidden, self._client.config.compression)]
+        meta = InferenceStep(
+            open=open_msg, position=position, step_id=self._step_id, seq=seq, push_to=push_to,
+            pushed=hidden is None, fill=fill,
+        )  # fmt: skip
+        tensors = [] if hidden is None else [encode(hidden, self._client.config.compression)]
         if open_msg is not None and self._extras is not None:
-            tensors += [encode(t) for t in self._extras.tensors]
+            tensors += [encode(t) for t in self._extras.tensors]  # the session's tuning, sent once
         self._open_msg = None
         request = runtime_pb2.ExpertRequest(tensors=tensors, metadata=meta.encode())
         self._client.wire_bytes_sent += request.ByteSize()
         await self._requests.put(request)
-        timeout = self._step_timeout(hidden.shape[1])
+        if self._connecting is None:
+            # Opened in the background, so that the streams of every span of a step open at the same time.
+            stub = BlockService.get_stub(self._client.p2p, self._client.peer(self.hop.peer_id))
+            self._connecting = asyncio.ensure_future(stub.rpc_inference(self._iterate_requests()))
+
+    async def receive(
+        self, length: int, dtype: torch.dtype, fill: Callable[[], Awaitable[None]] | None = None
+    ) -> tuple[torch.Tensor, bool]:
+        """The output [B, length, D] of the oldest unanswered step, and whether its (pushed) input was filled.
+
+        For a pushed step, ``fill`` sends the input from the client when no answer came within ``fill_after``.
+        """
+        if self.closed or self._connecting is None:
+            raise PeerUnreachableError(f"stream to peer {self.hop.peer_id} is closed")
+        timeout = self._step_timeout(length)
         began = time.perf_counter()
         try:
             if self._responses is None:
-                stub = BlockService.get_stub(self._client.p2p, self._client.peer(self.hop.peer_id))
-                self._responses = await asyncio.wait_for(
-                    stub.rpc_inference(self._iterate_requests()), self._client.config.connect_timeout_s
-                )
-            response = await asyncio.wait_for(anext(self._responses), timeout)
+                self._responses = await asyncio.wait_for(self._connecting, self._client.config.connect_timeout_s)
+            answer = asyncio.ensure_future(anext(self._responses))
+            if fill is not None:
+                await asyncio.wait({answer}, timeout=self._fill_after(length))
+                if not answer.done():
+                    await fill()
+            response = await asyncio.wait_for(answer, max(timeout - (time.perf_counter() - began), 0.0))
             self._client.wire_bytes_received += response.ByteSize()
         except (TimeoutError, StopAsyncIteration) as e:
             await self.close()
@@ -180,11 +223,23 @@ class SpanStream:
         if not response.tensors:
             await self.close()
             raise PeerUnreachableError(f"peer {self.hop.peer_id} sent an empty step response")
-        if hidden.shape[1] == 1:
+        if length == 1:
             elapsed = time.perf_counter() - began
             self._decode_s = elapsed if self._decode_s is None else 0.8 * self._decode_s + 0.2 * elapsed
             self._client.throughputs.observe(self.hop.peer_id, self.hop.end - self.hop.start, elapsed)
-        return decode(response.tensors[0]).to(hidden.dtype)
+            if fill is not None and not result.filled:
+                self._pushed_s = elapsed if self._pushed_s is None else 0.8 * self._pushed_s + 0.2 * elapsed
+        self.answered += 1
+        return decode(response.tensors[0]).to(dtype), result.filled
+
+    def _fill_after(self, length: int) -> float:
+        """How long to wait for a pushed step's answer before sending its input: a few times what pushed decode
+        steps of this server took (counted from the previous span's answer); prefills and first steps wait
+        ``push_fill_s``."""
+        config = self._client.config
+        if length > 1 or self._pushed_s is None:
+            return config.push_fill_s
+        return min(config.push_fill_s, max(MIN_FILL_AFTER_S, FILL_AFTER_FACTOR * self._pushed_s))
 
     def _step_timeout(self, length: int) -> float:
         """A dead server often shows only as silence, so a decode step that takes far longer than this server's
@@ -206,6 +261,11 @@ class SpanStream:
             return
         self.closed = True
         await self._requests.put(None)
+        if self._responses is None and self._connecting is not None:
+            if self._connecting.done() and not self._connecting.cancelled() and not self._connecting.exception():
+                self._responses = self._connecting.result()
+            else:
+                self._connecting.cancel()
         if self._responses is not None:
             # Drain the end of the stream so the server sees a clean close; never wait long for it.
             with suppress(Exception, asyncio.TimeoutError):

@@ -10,8 +10,9 @@ from hivemind.proto import runtime_pb2
 
 from swarm.client import ClientConfig, SwarmClient
 from swarm.errors import UnauthorizedError
-from swarm.messages import InferenceStep, OpenSession
+from swarm.messages import InferenceStep, OpenSession, PushRequest, RpcResult, ServerInfoResult
 from swarm.routing import Hop
+from swarm.service import BlockService
 from swarm.span_call import call_forward
 from swarm.tensors import encode
 from tests.e2e.harness import stream_once
@@ -36,8 +37,8 @@ def servers(local_swarm, folder):
     }
 
 
-async def make_client(local_swarm, secret: str | None) -> SwarmClient:
-    config = ClientConfig(initial_peers=local_swarm.initial_peers, max_retries=0, swarm_secret=secret)
+async def make_client(local_swarm, secret: str | None, push: bool = False) -> SwarmClient:
+    config = ClientConfig(initial_peers=local_swarm.initial_peers, max_retries=0, swarm_secret=secret, push=push)
     return await SwarmClient.create(config)
 
 
@@ -58,8 +59,20 @@ async def test_private_server_refuses_a_client_without_the_secret(local_swarm, s
         await client.shutdown()
 
 
+async def test_private_server_refuses_a_push_without_the_secret(local_swarm, servers):
+    client = await make_client(local_swarm, None)
+    try:
+        stub = BlockService.get_stub(client.p2p, client.peer(servers["private_back"].peer_id))
+        meta = PushRequest(session_id="s", client_peer_id=client.peer_id, start=2, seq=1, position=0)
+        request = runtime_pb2.ExpertRequest(tensors=[encode(torch.randn(1, 1, 64))], metadata=meta.encode())
+        result = RpcResult.decode((await stub.rpc_push(request, timeout=10)).metadata)
+        assert result.error is not None and result.error.code == "unauthorized"
+    finally:
+        await client.shutdown()
+
+
 async def test_client_with_the_secret_routes_only_through_private_servers(local_swarm, servers, folder):
-    client = await make_client(local_swarm, SECRET)
+    client = await make_client(local_swarm, SECRET, push=True)
     try:
         coverage = await client.model_coverage(MODEL_ID, fresh=True)
         seen = {s.peer_id for s in coverage.servers}
@@ -77,8 +90,12 @@ async def test_client_with_the_secret_routes_only_through_private_servers(local_
                 ]
                 out = await session.step(embeds[:, :4])
                 out = torch.cat([out, await session.step(embeds[:, 4:])], dim=1)
+                assert session.fills == 0, "the second step goes server to server, proof included"
             with torch.no_grad():
                 torch.testing.assert_close(reference.model.norm(out), expected, atol=1e-4, rtol=1e-4)
+        back = BlockService.get_stub(client.p2p, client.peer(servers["private_back"].peer_id))
+        info = ServerInfoResult.decode((await back.rpc_info(runtime_pb2.ExpertRequest(), timeout=10)).metadata)
+        assert info.inputs_pushed >= 3
         forward = await client.forward(MODEL_ID, embeds)  # unary calls carry the proof too
         with torch.no_grad():
             torch.testing.assert_close(reference.model.norm(forward), expected, atol=1e-4, rtol=1e-4)
