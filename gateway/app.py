@@ -37,14 +37,19 @@ InspectorFactory = Callable[[SwarmClientLike], SwarmInspectorLike]
 
 
 async def connect_swarm(
-    initial_peers: list[str], swarm_secret: str | None = None, spot_check_probability: float | None = None
+    initial_peers: list[str],
+    swarm_secret: str | None = None,
+    spot_check_probability: float | None = None,
+    push: bool | None = None,
 ) -> SwarmClientLike:
-    """The real swarm client (imported here so that tests with a fake never load it)."""
+    """The real swarm client (imported here so that tests with a fake never load it); None keeps its default."""
     from swarm.client import ClientConfig, SwarmClient
 
     config = ClientConfig(initial_peers=initial_peers, swarm_secret=swarm_secret)
     if spot_check_probability is not None:
         config.spot_check_probability = spot_check_probability
+    if push is not None:
+        config.push = push
     return await SwarmClient.create(config)
 
 
@@ -81,7 +86,10 @@ def create_app(
     secret = settings.swarm_secret.get_secret_value() if settings.swarm_secret else None
     if swarm_factory is None:
         swarm_factory = partial(
-            connect_swarm, swarm_secret=secret, spot_check_probability=settings.spot_check_probability
+            connect_swarm,
+            swarm_secret=secret,
+            spot_check_probability=settings.spot_check_probability,
+            push=settings.push,
         )
 
     @asynccontextmanager

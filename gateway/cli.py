@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--spot-check-probability", type=float,
         help="share of span steps re-run on a second server to catch wrong activations (default 0.02; 0: off)",
     )  # fmt: skip
+    serve.add_argument(
+        "--push", action=argparse.BooleanOptionalAction, default=None,
+        help="servers pass each step's output straight to the next server (default off)",
+    )  # fmt: skip
     serve.add_argument("--cache-dir", help="where converted models are kept")
     serve.add_argument("--embedded-servers", type=int, help="block servers of the embedded swarm (default 2)")
     serve.add_argument("--device", help="torch device of the local head (default cpu)")

@@ -64,6 +64,11 @@ class GatewaySettings(BaseSettings):
         description="Share of span steps the swarm client re-runs on a second server to catch servers returning "
         "wrong activations (default: the client's, 0.02; 0: off).",
     )
+    push: bool | None = Field(
+        None,
+        description="Whether servers pass a step's output straight to the next server of the route "
+        "(server-to-server push; default: the client's, off).",
+    )
     cache_dir: Path = Field(
         Path("~/.cache/petals-next").expanduser(), description="Where converted model folders are kept."
     )

@@ -290,6 +290,7 @@ def main() -> None:
         "--head-threads", type=int, default=None, help="torch threads of the gateway's head (OMP_NUM_THREADS)"
     )
     parser.add_argument("--server-flags", default="", help="extra flags for both servers, e.g. '--batch-wait-ms 2'")
+    parser.add_argument("--gateway-flags", default="", help="extra gateway flags, e.g. '--no-push'")
     parser.add_argument("--model", default=MODEL, help="model reference (default: the built-in SmolLM2)")
     parser.add_argument(
         "--random-shape", choices=["8b", "tiny"], help="a random-weight Llama: 8B's shape (see above) or a tiny one"
@@ -317,7 +318,7 @@ def main() -> None:
         args.spans = args.spans or [f"0:{layers // 2}", f"{layers // 2}:{layers}"]
         flags = ["--num-threads", str(args.server_threads), "--device", args.device, "--dtype", args.dtype,
                  *args.server_flags.split()]  # fmt: skip
-        gateway_flags = ["--device", args.device, "--dtype", args.dtype]
+        gateway_flags = ["--device", args.device, "--dtype", args.dtype, *args.gateway_flags.split()]
         with model_behind_gateway("bench-concurrency-", model_ref, args.spans, flags, gateway_flags) as running:
             swarm, gateway, servers = running
             peers = [s.peer_id for s in servers]
