@@ -168,3 +168,17 @@ def make_tiny_model(
 def reference_model(folder: Path) -> PreTrainedModel:
     """The transformers model for ``folder`` in float32 eval mode: the ground truth for our pieces."""
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def greedy_reference(
+    folder: Path, new_tokens: int, seed: int, prompt_tokens: int = 6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random prompt [1, prompt_tokens] of ids in 4..127 and the local model's greedy continuation of exactly
+    ``new_tokens`` tokens (prompt included): what a distributed generation must reproduce."""
+    input_ids = torch.randint(4, 128, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        tokens = reference_model(folder).generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False,
+        )  # fmt: skip
+    return input_ids, tokens

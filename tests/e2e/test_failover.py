@@ -12,7 +12,7 @@ import torch
 
 from swarm.client import ClientConfig
 from swarm.model import AutoDistributedModelForCausalLM
-from tests.helpers import make_tiny_model, reference_model
+from tests.helpers import greedy_reference, make_tiny_model
 
 NEW_TOKENS = 12
 FAIL_AT = 5
@@ -44,13 +44,7 @@ def model(swarm, folder):
 
 @pytest.fixture(scope="module")
 def expected(folder):
-    input_ids = torch.randint(4, 128, (1, 6), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        tokens = reference_model(folder).generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS, do_sample=False,
-        )  # fmt: skip
-    return input_ids, tokens
+    return greedy_reference(folder, NEW_TOKENS, seed=3)
 
 
 @contextmanager

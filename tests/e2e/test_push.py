@@ -22,7 +22,7 @@ from swarm.model import AutoDistributedModelForCausalLM
 from swarm.service import BlockService
 from swarm.session import MAX_FILLS_IN_A_ROW
 from swarm.tensors import encode
-from tests.helpers import make_tiny_model, reference_model
+from tests.helpers import greedy_reference, make_tiny_model
 
 NEW_TOKENS = 12
 FAIL_AT = 5
@@ -45,13 +45,7 @@ def chain(local_swarm, folder):
 
 @pytest.fixture(scope="module")
 def expected(folder):
-    input_ids = torch.randint(4, 128, (1, 6), generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():
-        tokens = reference_model(folder).generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS, do_sample=False,
-        )  # fmt: skip
-    return input_ids, tokens
+    return greedy_reference(folder, NEW_TOKENS, seed=5)
 
 
 def distributed(local_swarm, folder, push: bool) -> AutoDistributedModelForCausalLM:

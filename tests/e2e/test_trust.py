@@ -16,7 +16,7 @@ from swarm.client import ClientConfig, SwarmClient
 from swarm.ids import ModelId, block_key
 from swarm.model import AutoDistributedModelForCausalLM
 from swarm.records import ServerRecord, ServerState
-from tests.helpers import make_tiny_model, reference_model
+from tests.helpers import greedy_reference, make_tiny_model, reference_model
 
 MODEL_ID = "tiny-trust"
 NEW_TOKENS = 8
@@ -95,13 +95,7 @@ async def test_records_announced_on_another_peers_behalf_are_ignored(local_swarm
 
 @pytest.fixture(scope="module")
 def expected(folder):
-    input_ids = torch.randint(4, 128, (1, 6), generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():
-        tokens = reference_model(folder).generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS, do_sample=False,
-        )  # fmt: skip
-    return input_ids, tokens
+    return greedy_reference(folder, NEW_TOKENS, seed=5)
 
 
 def test_spot_check_bans_a_corrupting_server_and_tokens_are_unchanged(local_swarm, servers, folder, expected):
