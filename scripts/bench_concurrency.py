@@ -33,14 +33,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from hivemind.proto import runtime_pb2
 from openai import AsyncOpenAI
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_gpu import LLAMA_8B, TINY  # noqa: E402
+from bench_gpu import LLAMA_8B, TINY, build_model, sync  # noqa: E402
 from bench_streams import CACHE, MODEL, model_behind_gateway  # noqa: E402
 
 from server.model.attention import avoid_cudnn_attention  # noqa: E402
@@ -133,10 +134,6 @@ class LocalBaseline:
     the same chat prompt. Decode tokens/s = n x (T - 1) / (t_T - t_1), from a 1-token and a T-token run."""
 
     def __init__(self, folder: Path, device: str, dtype: str, tokenizer):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        self.torch = torch
         self.device = torch.device(device)
         avoid_cudnn_attention(self.device)  # the same attention kernels as the servers use
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(self.device).eval()
@@ -146,19 +143,15 @@ class LocalBaseline:
 
     def _timed(self, n: int, tokens: int) -> float:
         ids = self.ids.expand(n, -1)
-        self._sync()
+        sync(self.device)
         began = time.perf_counter()
-        with self.torch.inference_mode():
+        with torch.inference_mode():
             self.model.generate(
-                ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
                 do_sample=False, suppress_tokens=[self.eos], pad_token_id=self.eos,
             )  # fmt: skip
-        self._sync()
+        sync(self.device)
         return time.perf_counter() - began
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize(self.device)
 
     def level(self, n: int, tokens: int) -> dict:
         t1, tn = self._timed(n, 1), self._timed(n, tokens)
@@ -219,8 +212,6 @@ async def bench(
 def card(device: str) -> str:
     if not device.startswith("cuda"):
         return "cpu"
-    import torch
-
     return torch.cuda.get_device_name(torch.device(device))
 
 
@@ -257,27 +248,13 @@ def plot(result: dict, out_png: Path) -> None:
 
 def build_random(root: Path, shape: dict, device: str, dtype: str, tokenizer_folder: Path | None) -> Path:
     """A Llama of ``shape`` with random weights and SmolLM2's tokenizer (its vocabulary size), saved in ``root``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer_folder = tokenizer_folder or resolve_model(MODEL, CACHE).folder
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     shape = {**shape, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
              "eos_token_id": tokenizer.eos_token_id}  # fmt: skip
     folder = root / f"llama-random-h{shape['hidden_size']}-l{shape['num_hidden_layers']}"
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(LlamaConfig(**shape))
-    finally:
-        torch.set_default_dtype(previous)
-    began = time.perf_counter()
-    model.save_pretrained(folder)
+    build_model(folder, shape, torch.device(device), getattr(torch, dtype))  # saved there; the servers load it
     tokenizer.save_pretrained(folder)
-    del model
-    print(f"built {folder.name} ({device}, {dtype}) in {time.perf_counter() - began:.1f}s", flush=True)
     return folder
 
 
