@@ -157,7 +157,7 @@ class InferenceSession:
         push = self.client.config.push and len(self._spans) > 1
         for index, span in enumerate(self._spans):
             span.sent = False
-            span.checked = self._wants_check(span, position + hidden.shape[1])
+            span.checked = self._wants_check(position + hidden.shape[1])
             # A stream's first step opens the session there, so a push could arrive before it: not pushed.
             span.awaits_push = (
                 push
@@ -177,7 +177,7 @@ class InferenceSession:
             span = self._spans[index]
             try:
                 if span.checked is None:  # a replacement after a failover: its step gets its own draw
-                    span.checked = self._wants_check(span, position + x.shape[1])
+                    span.checked = self._wants_check(position + x.shape[1])
                 if not span.sent:
                     push_to = None if span.checked else self._push_target(index)
                     await span.stream.send(x, position, seq=seq, push_to=push_to)
@@ -209,8 +209,8 @@ class InferenceSession:
             index += 1
         return x
 
-    def _wants_check(self, span: _Span, tokens: int) -> bool:
-        """Whether to spot-check this step of ``span`` (its recomputation spans ``tokens`` positions)."""
+    def _wants_check(self, tokens: int) -> bool:
+        """Whether to spot-check a span's step whose recomputation spans ``tokens`` positions."""
         if self.extras is not None or self.adapter is not None:
             return False  # checkers recompute the plain blocks; a tuned session's steps are not checked
         return self.client.spot_checker.wanted(tokens)

@@ -238,7 +238,7 @@ class BlockSpan(nn.Module):
                 continue
             # Sessions with their own prompts / LoRA share the batch: prompts go to each session's rows, LoRA
             # deltas per segment of tokens (PackedLora); the base weights' matmuls still run once for all.
-            hidden = self._add_packed_prompts(hidden, steps, j, batches, lengths)
+            hidden = self._add_packed_prompts(hidden, steps, j, batches, lengths, sizes)
             parts = [st.tuning.block_lora(j) if st.tuning is not None else None for st in steps]
             lora = PackedLora(parts, sizes) if any(p is not None for p in parts) else None
             hidden = self.blocks[k](hidden, *positional, kv, **({"lora": lora} if lora is not None else {}))
@@ -247,13 +247,18 @@ class BlockSpan(nn.Module):
 
     @staticmethod
     def _add_packed_prompts(
-        hidden: torch.Tensor, steps: Sequence[SpanStep], j: int, batches: list[int], lengths: list[int]
+        hidden: torch.Tensor,
+        steps: Sequence[SpanStep],
+        j: int,
+        batches: list[int],
+        lengths: list[int],
+        sizes: list[int],
     ) -> torch.Tensor:
         """hidden [1, T, D] of packed sessions: add block ``j``'s deep prompts of each session to its own rows."""
         if all(st.tuning is None or st.tuning.prompts is None for st in steps):
             return hidden
         d = hidden.shape[-1]
-        pieces = hidden[0].split([b * s for b, s in zip(batches, lengths, strict=True)])  # each [B_i * S_i, D]
+        pieces = hidden[0].split(sizes)  # each [B_i * S_i, D]
         out = []
         for st, piece, b, s in zip(steps, pieces, batches, lengths, strict=True):
             rows = piece.view(b, s, d)
