@@ -36,7 +36,7 @@ from swarm.span_tensors import SpanTensors
 from swarm.tuning import causal_lm_loss
 from swarm.weights import resolve_model
 from tests.e2e.gateway_process import running_gateway
-from tests.e2e.test_tuning import ANSWER, make_tunable_tiny_llama, task
+from tests.e2e.test_tuning import ANSWER, make_tunable_tiny_llama, task, train
 from tests.helpers import MODEL_CACHE, reference_model
 from tests.tuning_reference import deep_prompts_added, peft_factor_grads, peft_model
 
@@ -293,14 +293,7 @@ def test_prompt_tuning_then_serving_through_the_gateway(swarm, folder, adapter, 
     questions = input_ids[:2, :4]
     try:
         before = model.generate(questions, max_new_tokens=len(ANSWER), eos_token_id=[])
-        optimizer = torch.optim.Adam([model.tuning.prompts], lr=0.03)
-        losses = []
-        for _ in range(30):
-            loss = model(input_ids, labels=labels).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        losses = train(model, [model.tuning.prompts], input_ids, labels)
         after = model.generate(questions, max_new_tokens=len(ANSWER), eos_token_id=[])
         model_id = model.model_id
         model.tuning.save(tmp_path / "answer.safetensors")

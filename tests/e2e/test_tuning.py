@@ -53,6 +53,19 @@ def task(batch: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, labels
 
 
+def train(model, parameters: list[torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """30 Adam steps (lr 0.03) on the task through the swarm; the loss of each step."""
+    optimizer = torch.optim.Adam(parameters, lr=0.03)
+    losses = []
+    for _ in range(30):
+        loss = model(input_ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     return make_tunable_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-tunable")
@@ -101,15 +114,8 @@ def test_prompt_gradients_match_local(model, folder):
 
 def test_training_lowers_the_loss_and_generation_uses_the_prompts(model, swarm, folder, tmp_path):
     input_ids, labels = task()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.03)
     head_before = model.head.lm_head.weight.clone()
-    losses = []
-    for _ in range(30):
-        loss = model(input_ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train(model, [p for p in model.parameters() if p.requires_grad], input_ids, labels)
     print("losses:", [round(x, 3) for x in losses])
     assert losses[-1] < losses[0] / 2
     assert torch.equal(model.head.lm_head.weight, head_before)  # frozen
