@@ -8,13 +8,11 @@ import asyncio
 
 import pytest
 import torch
-from hivemind.proto import runtime_pb2
 
 from swarm.client import ClientConfig, SwarmClient
 from swarm.head import ModelHead
-from swarm.messages import ServerInfoResult
-from swarm.service import BlockService
 from swarm.weights import resolve_model
+from tests.e2e.client_calls import greedy_session, server_info
 from tests.helpers import make_tiny_model
 
 NEW_TOKENS = 8
@@ -50,23 +48,7 @@ async def client(local_swarm, servers):
 
 async def greedy(client: SwarmClient, head: ModelHead, prompt: torch.Tensor) -> list[list[int]]:
     """prompt: [B, S] ids -> NEW_TOKENS greedy tokens per row, one swarm session."""
-    batch, length = prompt.shape
-    async with client.inference_session("tiny-batching", length + NEW_TOKENS, batch_size=batch) as session:
-        with torch.inference_mode():
-            hidden = head.embed(prompt)  # [B, S, D]
-        tokens = []
-        for _ in range(NEW_TOKENS):
-            out = await session.step(hidden)
-            with torch.inference_mode():
-                picked = head.logits(out, last_only=True)[:, -1].argmax(-1)  # [B]
-                hidden = head.embed(picked.view(batch, 1))
-            tokens.append(picked.tolist())
-    return [list(row) for row in zip(*tokens, strict=True)]
-
-
-async def server_info(client: SwarmClient, peer_id: str) -> ServerInfoResult:
-    stub = BlockService.get_stub(client.p2p, client.peer(peer_id))
-    return ServerInfoResult.decode((await stub.rpc_info(runtime_pb2.ExpertRequest(), timeout=10)).metadata)
+    return await greedy_session(client, head, "tiny-batching", prompt, NEW_TOKENS)
 
 
 async def test_concurrent_sessions_are_batched_and_match_lone_runs(client, servers, head):

@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from hivemind.proto import runtime_pb2
 from peft import PeftModel
 from transformers import AutoTokenizer
 
@@ -27,14 +26,14 @@ from swarm.client import ClientConfig, SwarmClient
 from swarm.errors import BadRequestError
 from swarm.head import ModelHead
 from swarm.lora import LoraTuning
-from swarm.messages import LORA_TARGETS, LoraSpec, ServerInfoResult, TuningSpec
+from swarm.messages import LORA_TARGETS, LoraSpec, TuningSpec
 from swarm.model import AutoDistributedModelForCausalLM
 from swarm.routing import Hop
-from swarm.service import BlockService
 from swarm.span_call import call_backward, call_forward
 from swarm.span_tensors import SpanTensors
 from swarm.tuning import causal_lm_loss
 from swarm.weights import resolve_model
+from tests.e2e.client_calls import greedy_session, server_info
 from tests.e2e.gateway_process import running_gateway
 from tests.e2e.test_tuning import ANSWER, make_tunable_tiny_llama, task, train
 from tests.helpers import MODEL_CACHE, reference_model
@@ -332,24 +331,6 @@ def reference_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
-async def greedy_session(client: SwarmClient, head: ModelHead, model_id: str, prompt: torch.Tensor, **tuning):
-    """prompt [B, S] -> NEW_TOKENS greedy tokens per row through one session (``tuning``: extras / adapter)."""
-    batch, length = prompt.shape
-    async with client.inference_session(model_id, length + NEW_TOKENS, batch_size=batch, **tuning) as session:
-        hidden, tokens = head.embed(prompt), []  # [B, S, D]
-        for _ in range(NEW_TOKENS):
-            out = await session.step(hidden)
-            picked = head.logits(out, last_only=True)[:, -1].argmax(-1)  # [B]
-            hidden = head.embed(picked.view(batch, 1))
-            tokens.append(picked.tolist())
-    return [list(row) for row in zip(*tokens, strict=True)]
-
-
-async def server_info(client: SwarmClient, peer_id: str) -> ServerInfoResult:
-    stub = BlockService.get_stub(client.p2p, client.peer(peer_id))
-    return ServerInfoResult.decode((await stub.rpc_info(runtime_pb2.ExpertRequest(), timeout=10)).metadata)
-
-
 def test_sessions_with_different_adapters_share_batches(swarm, servers, folder):
     """An adapter session, a plain one and one with its own LoRA factors, on the same two servers at once: each
     gets what it gets alone, and the servers ran their steps in shared forwards."""
@@ -366,13 +347,12 @@ def test_sessions_with_different_adapters_share_batches(swarm, servers, folder):
         client = await SwarmClient.create(ClientConfig(initial_peers=swarm.initial_peers, max_retries=0))
         try:
             client.bans.ban(servers[2].peer_id)  # keep every session on the two servers with the adapter
+            runs = [(prompt, kind) for prompt, kind in zip(prompts, kinds, strict=True)]
             model_id = resolved.model_id
             with torch.inference_mode():
-                alone = [
-                    await greedy_session(client, head, model_id, p, **k) for p, k in zip(prompts, kinds, strict=True)
-                ]
+                alone = [await greedy_session(client, head, model_id, p, NEW_TOKENS, **k) for p, k in runs]
                 together = await asyncio.gather(
-                    *(greedy_session(client, head, model_id, p, **k) for p, k in zip(prompts, kinds, strict=True))
+                    *(greedy_session(client, head, model_id, p, NEW_TOKENS, **k) for p, k in runs)
                 )
             return alone, list(together), [await server_info(client, s.peer_id) for s in servers[:2]]
         finally:

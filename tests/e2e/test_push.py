@@ -22,6 +22,7 @@ from swarm.model import AutoDistributedModelForCausalLM
 from swarm.service import BlockService
 from swarm.session import MAX_FILLS_IN_A_ROW
 from swarm.tensors import encode
+from tests.e2e import client_calls
 from tests.helpers import greedy_reference, make_tiny_model
 
 NEW_TOKENS = 12
@@ -73,11 +74,7 @@ def generate(model, input_ids: torch.Tensor, kill=None):
 
 
 def server_info(model, peer_id: str) -> ServerInfoResult:
-    async def ask() -> ServerInfoResult:
-        stub = BlockService.get_stub(model.client.p2p, model.client.peer(peer_id))
-        return ServerInfoResult.decode((await stub.rpc_info(runtime_pb2.ExpertRequest(), timeout=10)).metadata)
-
-    return model._loop.run(ask())
+    return model._loop.run(client_calls.server_info(model.client, peer_id))
 
 
 def test_push_chain_matches_local_and_push_off(local_swarm, folder, chain, expected):
