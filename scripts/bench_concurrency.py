@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hivemind.proto import runtime_pb2
 from openai import AsyncOpenAI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,8 +45,7 @@ from bench_streams import CACHE, MODEL, model_behind_gateway  # noqa: E402
 
 from server.model.attention import avoid_cudnn_attention  # noqa: E402
 from swarm.client import ClientConfig, SwarmClient  # noqa: E402
-from swarm.messages import ServerInfoResult  # noqa: E402
-from swarm.service import BlockService  # noqa: E402
+from swarm.probe import probe_server  # noqa: E402
 from swarm.weights import resolve_model  # noqa: E402
 from tests.e2e.gateway_process import GatewayProcess  # noqa: E402
 from tests.e2e.harness import LocalSwarm  # noqa: E402
@@ -90,9 +88,9 @@ async def one_stream(sdk: AsyncOpenAI, model: str, max_tokens: int, eos: int) ->
 async def server_stats(client: SwarmClient, peer_ids: list[str]) -> list[dict]:
     infos = []
     for peer_id in peer_ids:
-        stub = BlockService.get_stub(client.p2p, client.peer(peer_id))
-        info = ServerInfoResult.decode((await stub.rpc_info(runtime_pb2.ExpertRequest(), timeout=10)).metadata)
-        infos.append(info.model_dump(include={"max_batch_sessions_seen", "max_batch_rows_seen", "batched_steps"}))
+        probe = await probe_server(client.p2p, peer_id, timeout_s=10)
+        assert probe.info is not None, f"server {peer_id} did not answer: {probe.error}"
+        infos.append(probe.info.model_dump(include={"max_batch_sessions_seen", "max_batch_rows_seen", "batched_steps"}))
     return infos
 
 
