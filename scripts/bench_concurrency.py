@@ -85,22 +85,53 @@ async def one_stream(sdk: AsyncOpenAI, model: str, max_tokens: int, eos: int) ->
     return Stream(began, first, last, tokens)
 
 
+def batch_means(before: list[dict], after: list[dict]) -> list[dict]:
+    """Each server's counters after a level, with that level's mean batch (sessions) and compute time per batch."""
+    out = []
+    for b, a in zip(before, after, strict=True):
+        batches = max(1, a["batches_run"] - b["batches_run"])
+        out.append({
+            **a,
+            "mean_batch_sessions": (a["steps_run"] - b["steps_run"]) / batches,
+            "mean_batch_ms": 1000 * (a["batch_compute_s"] - b["batch_compute_s"]) / batches,
+        })  # fmt: skip
+    return out
+
+
 async def server_stats(client: SwarmClient, peer_ids: list[str]) -> list[dict]:
     infos = []
     for peer_id in peer_ids:
         probe = await probe_server(client.p2p, peer_id, timeout_s=10)
         assert probe.info is not None, f"server {peer_id} did not answer: {probe.error}"
-        infos.append(probe.info.model_dump(include={"max_batch_sessions_seen", "max_batch_rows_seen", "batched_steps"}))
+        infos.append(probe.info.model_dump(include={"max_batch_sessions_seen", "max_batch_rows_seen", "batched_steps", "batches_run", "steps_run", "batch_compute_s"}))
     return infos
 
 
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *_descendants(int(child))]
+    return found
+
+
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """User + system CPU seconds each process has used so far (Linux /proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds each process has used so far (Linux /proc), and as "NAME children" those of
+    its child processes: the p2p daemon that carries every message and the DHT process cost CPU too."""
     out = {}
     for name, pid in pids.items():
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        out[name] = (int(fields[11]) + int(fields[12])) / ticks
+        out[name] = _proc_cpu_s(pid)
+        children = _descendants(pid)
+        nested = [p for p in pids.values() if p in children]  # the bench's servers have their own entries
+        skip = set(nested).union(*(_descendants(p) for p in nested))
+        children = [c for c in children if c not in skip]
+        if children:
+            out[f"{name} children"] = sum(_proc_cpu_s(c) for c in children)
     return out
 
 
@@ -123,7 +154,7 @@ async def level(sdk: AsyncOpenAI, model: str, n: int, max_tokens: int, eos: int,
         "wall_s": ended - began,
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
-        "cpu_ms_per_token": {k: 1000 * (cpu_after[k] - cpu_before[k]) / (n * max_tokens) for k in pids},
+        "cpu_ms_per_token": {k: 1000 * (cpu_after[k] - cpu_before.get(k, 0.0)) / (n * max_tokens) for k in cpu_after},
     }
 
 
@@ -171,9 +202,11 @@ async def bench(
         await asyncio.gather(*(one_stream(sdk, model, 4, eos) for _ in range(2)))  # warm-up: connections, routes
         if local is not None:
             local.level(2, 4)  # warm-up: kernels, allocator
+        counted = await server_stats(client, peers)
         for n in args.levels:
             result = await level(sdk, model, n, args.max_tokens, eos, pids)
-            result["servers"] = await server_stats(client, peers)
+            now = await server_stats(client, peers)
+            result["servers"], counted = batch_means(counted, now), now
             if local is not None:
                 result["local"] = local.level(n, args.max_tokens)
                 local_tok_s = result["local"]["aggregate_decode_tok_s"]
@@ -189,7 +222,9 @@ async def bench(
                 f"{n:3d} streams: aggregate decode {result['aggregate_decode_tok_s']:7.2f} tok/s{vs_local}, "
                 f"mean inter-token {result['mean_inter_token_ms']:7.1f} ms, ttft {result['mean_ttft_ms']:7.1f} ms, "
                 f"load {result['loadavg_before'][0]:.2f} -> {result['loadavg_after'][0]:.2f}, "
-                f"servers' max batch {[s['max_batch_sessions_seen'] for s in result['servers']]}\n"
+                f"servers' max batch {[s['max_batch_sessions_seen'] for s in result['servers']]}, mean batch "
+                f"{[round(s['mean_batch_sessions'], 1) for s in result['servers']]}, compute ms per batch "
+                f"{[round(s['mean_batch_ms'], 1) for s in result['servers']]}\n"
                 f"      CPU ms per token: " + ", ".join(f"{k} {v:.1f}" for k, v in result["cpu_ms_per_token"].items()),
                 flush=True,
             )

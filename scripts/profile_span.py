@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_gpu import LLAMA_8B, TINY  # noqa: E402
 
 from server.model import BlockSpan  # noqa: E402
-from server.model import span as span_module  # noqa: E402
+from server.model.kv_pool import KVPool  # noqa: E402
 from server.model.span import SpanCache, SpanStep  # noqa: E402
 from swarm.config import ModelSpec  # noqa: E402
 
@@ -50,8 +50,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument(
-        "--decode-attention", choices=["one-call", "per-session"], default="one-call",
-        help="packed decode steps: one attention call for all rows (the server's way) or one per session",
+        "--decode-attention", choices=["pooled", "per-session"], default="pooled",
+        help="packed decode steps: caches in a shared pool, one attention call per chunk (the server's way), or "
+        "each session's own cache and attention call",
     )  # fmt: skip
     parser.add_argument("--cudnn-sdp", choices=["on", "off"], default="on", help="allow cuDNN's attention kernels")
     args = parser.parse_args()
@@ -66,12 +67,16 @@ def main() -> None:
         for p in span.parameters():
             p.data.normal_(0, 0.02)
     span.eval()
-    span.one_call_decode = args.decode_attention == "one-call"
-    span_module.ONE_CALL_MIN_SESSIONS = 1  # compare the two ways at every number of sessions
+    span.pooled_decode = args.decode_attention == "pooled"
     d = spec.hidden_size
     capacity = args.context + args.steps + 16
     for n in args.sessions:
-        caches = [SpanCache.allocate(spec, blocks, 1, capacity, dtype, device) for _ in range(n)]
+        pool = KVPool(spec, dtype, device, chunk_bytes=2**40)  # as a server's registry does, without a budget
+        caches = [
+            pool.allocate(blocks, 1, capacity) if span.pooled_decode
+            else SpanCache.allocate(spec, blocks, 1, capacity, dtype, device)
+            for _ in range(n)
+        ]  # fmt: skip
         with torch.inference_mode():
             for cache in caches:
                 span(torch.randn(1, args.context, d, device=device, dtype=dtype), cache, 0)

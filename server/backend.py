@@ -39,9 +39,13 @@ class BatchStats:
         """Steps (chunks) that ran together with at least one other session's."""
         self.max_sessions = 0
         self.max_rows = 0
+        self.steps = 0
+        self.compute_s = 0.0
 
-    def observe(self, sessions: int, rows: int) -> None:
+    def observe(self, sessions: int, rows: int, seconds: float) -> None:
         self.batches += 1
+        self.steps += sessions
+        self.compute_s += seconds
         if sessions > 1:
             self.batched_steps += sessions
         self.max_sessions = max(self.max_sessions, sessions)
@@ -192,19 +196,17 @@ class SpanBackend:
         if len(plan) > max(1, self.stats.max_sessions):
             tokens = sum(take * st.rows for st, take in plan)
             logger.info("batched %d sessions in one forward (%d rows, %d tokens): a new high", len(plan), rows, tokens)
-        self.stats.observe(len(plan), rows)
+        began = time.perf_counter()
         try:
             with torch.inference_mode():
+                inputs = _to_device(
+                    [st.hidden[:, st.done : st.done + take] for st, take in plan], self.device, self.dtype
+                )
                 steps = [
-                    SpanStep(
-                        st.hidden[:, st.done : st.done + take].to(self.device, self.dtype),
-                        st.session.cache,
-                        st.position + st.done,
-                        st.session.tuning,
-                    )
-                    for st, take in plan
+                    SpanStep(hidden, st.session.cache, st.position + st.done, st.session.tuning)
+                    for hidden, (st, _) in zip(inputs, plan, strict=True)
                 ]
-                outputs = self.span.forward_packed(steps, self._blocks(*plan[0][0].blocks))
+                outputs = _to_host(self.span.forward_packed(steps, self._blocks(*plan[0][0].blocks)))
         except Exception as e:
             with self._wake:
                 for st, _ in plan:
@@ -212,6 +214,7 @@ class SpanBackend:
             for st, _ in plan:
                 _fail(st.future, e)
             return
+        self.stats.observe(len(plan), rows, time.perf_counter() - began)
         finished = []
         for (st, take), out in zip(plan, outputs, strict=True):
             st.outputs.append(out)
@@ -279,6 +282,27 @@ class SpanBackend:
             self._stopping = True
             self._wake.notify()
         self._thread.join()
+
+
+def _to_device(inputs: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The batch's inputs ([B_i, S_i, D] each, on the CPU) on the compute device, as ONE host-to-device copy."""
+    if device.type == "cpu" or len(inputs) == 1:
+        return [x.to(device, dtype) for x in inputs]
+    d = inputs[0].shape[-1]
+    flat = torch.cat([x.reshape(-1, d) for x in inputs]).to(device, dtype)
+    parts = flat.split([x.shape[0] * x.shape[1] for x in inputs])
+    return [part.view(x.shape) for part, x in zip(parts, inputs, strict=True)]
+
+
+def _to_host(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The batch's outputs ([B_i, S_i, D] each) on the CPU, as ONE device-to-host copy (each copy waits for the
+    GPU; one per session added a wait per session)."""
+    if outputs[0].device.type == "cpu":
+        return outputs
+    d = outputs[0].shape[-1]
+    flat = torch.cat([out.reshape(-1, d) for out in outputs]).to("cpu")
+    parts = flat.split([out.shape[0] * out.shape[1] for out in outputs])
+    return [part.view(out.shape) for part, out in zip(parts, outputs, strict=True)]
 
 
 def _settle(future: Future[Any], fn: Callable[..., Any], *args: Any) -> None:

@@ -31,7 +31,7 @@ class PendingStep:
     """One inference step waiting for (or partly through) the compute thread."""
 
     session: Session
-    hidden: torch.Tensor  # [B, S, D], already on the compute device
+    hidden: torch.Tensor  # [B, S, D], as it arrived (the compute thread moves it to the device)
     position: int
     future: Future[torch.Tensor]
     done: int = 0

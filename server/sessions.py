@@ -11,11 +11,17 @@ import torch
 
 from server.kv_cache import PageAllocator
 from server.model import SpanCache
+from server.model.kv_pool import KVPool
 from server.model.tuning import SpanTuning
 from swarm.config import ModelSpec
 from swarm.errors import ServerBusyError
 
 logger = logging.getLogger(__name__)
+
+
+CHUNKS_PER_BUDGET = 8
+"""Pooled caches come in chunks of at most 1/8 of the budget. Sessions are charged for their own rows only, so
+the free rows of a partly filled chunk (one per capacity in use) are memory beyond the budget."""
 
 
 @dataclass
@@ -81,6 +87,7 @@ class SessionRegistry:
         self.alloc_timeout_s = alloc_timeout_s
         page_bytes = page_tokens * SpanCache.bytes_per_token(spec, hosted_blocks or spec.num_hidden_layers, dtype)
         self.allocator = PageAllocator(budget_bytes // page_bytes, page_bytes)
+        self.pool = KVPool(spec, dtype, device, chunk_bytes=budget_bytes // CHUNKS_PER_BUDGET)
         self.sessions: dict[str, Session] = {}
         self.limits = limits or SessionLimits()
         self._pages_by_peer: Counter[str] = Counter()
@@ -93,7 +100,9 @@ class SessionRegistry:
         return self.allocator.used_pages * self.allocator.page_bytes
 
     def bytes_needed(self, num_blocks: int, batch_size: int, max_length: int) -> int:
-        return SpanCache.bytes_per_token(self.spec, num_blocks, self.dtype) * batch_size * max_length
+        """What the session's cache takes: its rows at the capacity the pool gives it (see ``KVPool``)."""
+        capacity, _ = self.pool.capacity_for(num_blocks, batch_size, max_length)
+        return SpanCache.bytes_per_token(self.spec, num_blocks, self.dtype) * batch_size * capacity
 
     def tokens_left(self, num_blocks: int) -> int:
         per_token = SpanCache.bytes_per_token(self.spec, num_blocks, self.dtype)
@@ -112,7 +121,7 @@ class SessionRegistry:
             if not self._waiting_by_peer[peer_id]:
                 del self._waiting_by_peer[peer_id]
         try:
-            cache = SpanCache.allocate(self.spec, end - start, batch_size, max_length, self.dtype, self.device)
+            cache = self.pool.allocate(end - start, batch_size, max_length)
         except BaseException:
             self.allocator.release(pages)
             raise
@@ -139,6 +148,7 @@ class SessionRegistry:
     def close(self, session: Session, reason: str = "closed") -> None:
         if self.sessions.pop(session.session_id, None) is None:
             return
+        self.pool.release(session.cache)
         self.allocator.release(session.pages)
         for counter, amount in ((self._pages_by_peer, session.pages), (self._sessions_by_peer, 1)):
             counter[session.peer_id] -= amount

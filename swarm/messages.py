@@ -174,6 +174,12 @@ class ServerInfoResult(_Message):
     """Most rows (sum of those sessions' batch sizes) one forward has run."""
     batched_steps: int = 0
     """Steps that ran in a forward shared with another session's."""
+    batches_run: int = 0
+    """Inference forwards (batches) run so far; ``steps_run / batches_run`` is the mean batch in sessions."""
+    steps_run: int = 0
+    """Session steps (or prefill chunks) those forwards ran, summed."""
+    batch_compute_s: float = 0.0
+    """Seconds the compute thread spent running them."""
     pushes_sent: int = 0
     """Step outputs this server pushed to the next server, which took them."""
     pushes_failed: int = 0

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from server.model.kv_pool import DecodeGroup
 from server.model.rotary import rotate
+
+if TYPE_CHECKING:
+    from server.model.span import SpanCache
 
 
 @dataclass
@@ -29,26 +34,26 @@ class PackedKV:
     """Several sessions' steps packed into one forward: their tokens lie side by side on the sequence axis.
 
     Session ``i`` contributes ``batch_i * length_i`` tokens (row-major: row 0's tokens, then row 1's, ...) at
-    positions ``[slot_i.start, slot_i.start + length_i)``. The projections, norms and MLP run once on all
-    tokens ([1, T, D]); attention runs per session over that session's own cache (``slot_i``), so no session
-    sees another's keys and no cache is copied. Chosen over padding every session to one [B, S_max] batch:
-    decode rows differ in cache length, and per-session SDPA at S=1 costs little next to the weight matmuls.
+    positions ``[starts_i, starts_i + length_i)``. The projections, norms and MLP run once on all tokens
+    ([1, T, D]); attention runs per session over that session's own cache (``slots[i]``), so no session sees
+    another's keys, or, for decode steps of pooled caches, one call per chunk (``groups``).
     """
 
-    slots: list[KVSlot]
+    caches: list[SpanCache]
+    starts: list[int]
     batches: list[int]
     lengths: list[int]
-    decode_mask: torch.Tensor | None = None
-    """When every session brings one token per row (decoding): which cached positions each row sees,
-    bool [rows, 1, 1, longest]; lets ``attend_decode_rows`` run all rows as ONE attention call. The same for
-    every block of a forward, so ``BlockSpan.forward_packed`` builds it once."""
+    groups: list[DecodeGroup] | None = None
+    """When every session brings one token per row (decoding) and their caches are pooled: the tokens grouped by
+    the chunk their caches share, so ``attend_pooled`` runs one attention call per chunk. The same for every
+    block of a forward, so ``BlockSpan.forward_packed`` builds them once."""
+    block: int = 0
+    """Which block of the sessions' caches (and chunks) this forward's block is."""
 
-    @staticmethod
-    def make_decode_mask(starts: list[int], batches: list[int], device: torch.device) -> torch.Tensor:
-        """Sessions at positions ``starts`` with ``batches`` rows each -> bool [rows, 1, 1, longest]."""
-        ends = torch.tensor([start + 1 for start, b in zip(starts, batches, strict=True) for _ in range(b)])
-        longest = int(ends.max())
-        return (torch.arange(longest)[None, :] < ends[:, None]).to(device)[:, None, None, :]
+    @property
+    def slots(self) -> list[KVSlot]:
+        """Each session's share of this block's cache (built on demand: the pooled path never needs them)."""
+        return [cache.slot(self.block, start) for cache, start in zip(self.caches, self.starts, strict=True)]
 
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: [1, H, T, Dh] -> per session [B_i, H, S_i, Dh] (views where possible)."""
@@ -62,43 +67,6 @@ class PackedKV:
     def join(parts: list[torch.Tensor]) -> torch.Tensor:
         """Per session [B_i, H, S_i, Dh] -> [1, H, T, Dh], the inverse of ``split``."""
         return torch.cat([p.transpose(0, 1).flatten(1, 2) for p in parts], dim=1).unsqueeze(0)
-
-
-def attend_decode_rows(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedKV, scale: float | None = None
-) -> torch.Tensor:
-    """Packed decode steps as ONE attention call: q [1, H, T, Dh], k/v [1, H_kv, T, Dh] -> [1, H, T, Dh].
-
-    Every one of the T rows is one new token of some session (``packed.decode_mask`` is set). Each row's key
-    and value go into its session's cache; then every row's cached keys/values are copied side by side,
-    padded to the longest, and masked per row. Per-session attention costs a dozen small kernel launches per
-    session per block; on a GPU that loop, not the math, bounded a 16-session decode step (measured with
-    ``scripts/profile_span.py``). The copies are cheap next to reading the weights. Plain causal attention
-    only (no sliding window, soft-capping or bias); the callers check.
-    """
-    mask = packed.decode_mask
-    assert mask is not None
-    rows, longest = mask.shape[0], mask.shape[-1]
-    h, h_kv, dh = q.shape[1], k.shape[1], k.shape[3]
-    new_k = list(k[0].transpose(0, 1).split(packed.batches))  # each [B_i, H_kv, Dh]
-    new_v = list(v[0].transpose(0, 1).split(packed.batches))
-    keys = k.new_zeros(rows, h_kv, longest, dh)
-    values = v.new_zeros(rows, h_kv, longest, dh)
-    into, cached, row = [], [], 0
-    for slot, b in zip(packed.slots, packed.batches, strict=True):
-        end = slot.start + 1
-        into += [keys[row : row + b, :, :end], values[row : row + b, :, :end]]
-        cached += [slot.key[:, :, :end], slot.value[:, :, :end]]
-        row += b
-    # One C++ loop per list instead of a Python one (torch._foreach_copy_ takes strided views).
-    torch._foreach_copy_(
-        [slot.key[:, :, slot.start] for slot in packed.slots] + [slot.value[:, :, slot.start] for slot in packed.slots],
-        new_k + new_v,
-    )
-    torch._foreach_copy_(into, cached)
-    queries = q[0].transpose(0, 1).unsqueeze(2)  # [T, H, 1, Dh]
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=h != h_kv)
-    return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # [1, H, T, Dh]
 
 
 def attention_mask(

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.model.activations import activation
-from server.model.attention import KVSlot, PackedKV, attend, attend_decode_rows, attention_mask, with_cache
+from server.model.attention import KVSlot, PackedKV, attend, attention_mask, with_cache
 from server.model.fused import Device, Fused, fuse_linears, linear
+from server.model.kv_pool import attend_pooled
 from server.model.rotary import RotaryEmbedding, rotate
 from server.model.tuning import LoraDelta, add_lora
 from swarm.config import ModelSpec
@@ -88,8 +89,8 @@ class LlamaAttention(Fused):
         # x: [B, S, D], cos/sin: [B, S, Dh]; packed sessions: B = 1, S = T (all their tokens)
         b, s, _ = x.shape
         q, k, v = self.project(x, cos, sin, lora)
-        if isinstance(kv, PackedKV) and kv.decode_mask is not None and self._plain_causal:
-            out = attend_decode_rows(q, k, v, kv, self.scale)  # every row one new token: one call for all
+        if isinstance(kv, PackedKV) and kv.groups is not None and self._plain_causal:
+            out = attend_pooled(q, k, v, kv.groups, kv.block, self.scale)  # one new token per row: a call per chunk
         elif isinstance(kv, PackedKV):
             # Each session attends over its own cache only: split, attend, join back to [1, H, T, Dh].
             parts = zip(kv.split(q), kv.split(k), kv.split(v), kv.slots, strict=True)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from server.model.attention import KVSlot, PackedKV
+from server.model.kv_pool import CacheChunk, decode_groups
 from server.model.rotary import RotaryEmbedding
 from server.model.tuning import PackedLora, SpanTuning
 from swarm.config import ModelSpec
@@ -42,10 +43,6 @@ sessions' tokens side by side, see ``BlockSpan.forward_packed``); the others get
 """
 
 
-ONE_CALL_MIN_SESSIONS = 8
-"""Fewest decode sessions in one packed forward for which attention runs as one call (see ``one_call_decode``)."""
-
-
 @dataclass
 class SpanStep:
     """One session's share of a packed forward: its new tokens, its cache, and where they go."""
@@ -66,9 +63,12 @@ class SpanCache:
     ``[0, start_position + S)``.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, chunk: CacheChunk | None = None, row: int = 0):
         self.keys = keys  # [N, B, H_kv, capacity, Dh]
         self.values = values  # [N, B, H_kv, capacity, Dh]
+        self.chunk = chunk
+        """The shared chunk these are rows ``row ..`` of (``server.model.kv_pool``); None: the cache's own tensors."""
+        self.row = row
 
     @classmethod
     def allocate(
@@ -139,12 +139,9 @@ class BlockSpan(nn.Module):
             self.positions, RotaryEmbedding
         )
         """Whether ``forward_packed`` runs several sessions as one forward (else one forward per session)."""
-        self.one_call_decode = torch.device(device or "cpu").type == "cuda"
-        """Whether packed decode steps of ``ONE_CALL_MIN_SESSIONS`` or more sessions run attention as one call
-        for all rows (``attend_decode_rows``) instead of one per session. Measured with
-        ``scripts/profile_span.py`` on an H200 (8B shape, 16 blocks, bf16), step time one call vs per session:
-        4 sessions 18.1-18.5 vs 13.4-15.5 ms, 16 sessions 27.3-30.2 vs 29.3-31.4 ms, 32 sessions 42.2-48.5 vs
-        47.8-50.5 ms. On a CPU the padded copies cost about what they save, so it stays per session there."""
+        self.pooled_decode = True
+        """Whether packed decode steps of sessions whose caches share chunks (``server.model.kv_pool``) attend in
+        one call per chunk; off, each session attends on its own (``scripts/profile_span.py`` compares them)."""
         self.lora_targets: tuple[str, ...] = tuple(getattr(block_class, "lora_targets", ()))
         """Linears of these blocks that take client-side LoRA (none for families without support)."""
 
@@ -220,19 +217,25 @@ class BlockSpan(nn.Module):
                 raise ValueError(f"hidden size {st.hidden.shape[2]} does not match the model's {d}")
             self._check_cache(st.cache, last - first, st.hidden.shape[0], st.start_position + st.hidden.shape[1])
         hidden = torch.cat([st.hidden.reshape(1, -1, d) for st in steps], dim=1)  # [1, T, D]
-        positions = torch.cat(  # [1, T]: row-major per session, like the packed tokens
+        caches, starts = [st.cache for st in steps], [st.start_position for st in steps]
+        positions = torch.tensor(  # [1, T]: row-major per session, like the packed tokens
             [
-                torch.arange(st.start_position, st.start_position + s, device=device).repeat(b)
-                for st, b, s in zip(steps, batches, lengths, strict=True)
-            ]
-        ).unsqueeze(0)
+                [
+                    p
+                    for p0, b, s in zip(starts, batches, lengths, strict=True)
+                    for _ in range(b)
+                    for p in range(p0, p0 + s)
+                ]
+            ],
+            device=device,
+        )
         assert isinstance(self.positions, RotaryEmbedding)  # packs_sessions implies it
         positional = self.positions.cos_sin(positions, hidden.dtype)  # (cos, sin), each [1, T, Dh]
-        decode_mask = None
-        if self.one_call_decode and len(steps) >= ONE_CALL_MIN_SESSIONS and all(s == 1 for s in lengths):
-            decode_mask = PackedKV.make_decode_mask([st.start_position for st in steps], batches, device)
+        groups = None
+        if self.pooled_decode and all(s == 1 for s in lengths) and all(st.cache.chunk is not None for st in steps):
+            groups = decode_groups(caches, starts, device)
         for j, k in enumerate(range(first, last)):
-            kv = PackedKV([st.cache.slot(j, st.start_position) for st in steps], batches, lengths, decode_mask)
+            kv = PackedKV(caches, starts, batches, lengths, groups, j)
             if not tuned:
                 hidden = self.blocks[k](hidden, *positional, kv)
                 continue

@@ -14,7 +14,7 @@ from server.batching import BatchLimits, PendingStep, plan_batch
 from server.kv_cache import PageAllocator
 from server.model import BlockSpan, SpanCache
 from server.model import llama as llama_module
-from server.model import span as span_module
+from server.model.kv_pool import KVPool
 from server.model.span import SpanStep
 from server.sessions import Session, SessionRegistry
 from swarm.errors import ServerBusyError
@@ -34,22 +34,34 @@ def _caches(resolved: ResolvedModel, capacity: int = 32) -> list[SpanCache]:
     return [SpanCache.allocate(resolved.spec, 4, b, capacity, torch.float32) for b, _ in SESSIONS]
 
 
+def _pooled_caches(resolved: ResolvedModel, rows_per_chunk: int) -> tuple[KVPool, list[SpanCache]]:
+    """Caches for SESSIONS as rows of shared chunks of ``rows_per_chunk`` rows (of capacity 32)."""
+    pool = KVPool(resolved.spec, torch.float32, "cpu", chunk_bytes=0)
+    pool.chunk_bytes = rows_per_chunk * pool._row_bytes(4, 32)
+    return pool, [pool.allocate(4, b, 32) for b, _ in SESSIONS]
+
+
 @pytest.mark.parametrize("kind", TINY_KINDS)
+@pytest.mark.parametrize("rows_per_chunk", [7, 6])  # 7: all rows in one chunk, in order; 6: two chunks
 @torch.inference_mode()
 def test_packed_forward_matches_per_session_forward(
-    tiny_models: dict[str, ResolvedModel], kind: str, monkeypatch: pytest.MonkeyPatch
+    tiny_models: dict[str, ResolvedModel], kind: str, rows_per_chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    one_call_decodes = []
-    one_call = llama_module.attend_decode_rows
-    monkeypatch.setattr(llama_module, "attend_decode_rows", lambda *a: one_call_decodes.append(1) or one_call(*a))
+    pooled_calls = []
+    pooled = llama_module.attend_pooled
+    monkeypatch.setattr(
+        llama_module,
+        "attend_pooled",
+        lambda q, k, v, groups, *a: pooled_calls.append(groups) or pooled(q, k, v, groups, *a),
+    )
     resolved = tiny_models[kind]
     span = BlockSpan.load(resolved, 0, 4)
-    span.one_call_decode = True  # the GPU default: packed decode steps attend in one call (from 1 session on here)
-    monkeypatch.setattr(span_module, "ONE_CALL_MIN_SESSIONS", 1)
     assert span.packs_sessions == (kind not in ("falcon", "falcon_mq", "falcon_seq", "bloom"))
     g = torch.Generator().manual_seed(0)
     d = resolved.spec.hidden_size
-    alone, packed = _caches(resolved), _caches(resolved)
+    alone = _caches(resolved)
+    pool, packed = _pooled_caches(resolved, rows_per_chunk)
+    assert len({id(c.chunk) for c in packed}) == (1 if rows_per_chunk == 7 else 2)
     positions = [0] * len(SESSIONS)
     lengths = [s for _, s in SESSIONS]  # prefill of different lengths, then three decode steps together
     for _ in range(4):
@@ -61,10 +73,37 @@ def test_packed_forward_matches_per_session_forward(
         positions = [p + s for p, s in zip(positions, lengths, strict=True)]
         lengths = [1] * len(SESSIONS)
     for a, p in zip(alone, packed, strict=True):  # every session's cache holds exactly its own tokens
-        torch.testing.assert_close(p.keys, a.keys, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(p.values, a.values, atol=1e-5, rtol=1e-4)
-    if kind == "llama":  # its packed decode steps ran as one attention call per block (3 steps x 4 blocks)
-        assert len(one_call_decodes) == 12
+        end = positions[0] + 10
+        torch.testing.assert_close(p.keys[:, :, :, :end], a.keys[:, :, :, :end], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(p.values[:, :, :, :end], a.values[:, :, :, :end], atol=1e-5, rtol=1e-4)
+    if kind == "llama":  # its decode steps ran one attention call per chunk per block (3 steps x 4 blocks)
+        assert len(pooled_calls) == 12
+        groups = pooled_calls[0]
+        assert len(groups) == (1 if rows_per_chunk == 7 else 2)
+        assert groups[0].row_range == (slice(0, 7) if rows_per_chunk == 7 else slice(0, 4))
+
+
+def test_pool_shares_chunks_frees_them_and_keeps_big_sessions_apart(tiny_models: dict[str, ResolvedModel]) -> None:
+    spec = tiny_models["llama"].spec
+    pool = KVPool(spec, torch.float32, "cpu", chunk_bytes=0)
+    pool.chunk_bytes = 4 * pool._row_bytes(4, 64)  # 4 rows of capacity 64
+    assert pool.capacity_for(4, 1, 40) == (64, True) and pool.capacity_for(4, 1, 65) == (128, True)
+    assert pool.capacity_for(4, 1, 200) == (200, False)  # 256-token rows: not two in a chunk, so exact
+    assert pool.capacity_for(4, 3, 40) == (40, False)  # 3 rows: not two such sessions in a chunk
+    a, b = pool.allocate(4, 2, 50), pool.allocate(4, 1, 64)
+    assert a.chunk is b.chunk and (a.row, b.row, a.capacity) == (0, 2, 64)
+    a.keys.fill_(1.0)
+    pool.release(a)
+    c = pool.allocate(4, 1, 40)  # reuses a freed row, cleaned
+    assert c.chunk is b.chunk and c.row == 0 and not c.keys.any()
+    d = pool.allocate(4, 2, 40)  # free rows 1 and 3 are not consecutive: a new chunk
+    assert d.chunk is not b.chunk
+    exact = pool.allocate(4, 1, 200)
+    assert exact.chunk is None and exact.capacity == 200
+    assert pool.allocated_bytes == 2 * 4 * pool._row_bytes(4, 64)  # two chunks of 4 rows
+    for cache in (b, c, d, exact):
+        pool.release(cache)
+    assert pool.allocated_bytes == 0 and not pool.chunks
 
 
 @torch.inference_mode()

@@ -1,0 +1,208 @@
+"""Session caches carved out of shared chunks, so that concurrent decode steps attend in one call per chunk.
+
+A chunk is one keys and one values tensor ``[num_blocks, rows, H_kv, capacity, Dh]``; a session of batch B owns
+B consecutive rows of a chunk, and its ``SpanCache`` is a view of them, so every per-session code path (prefill,
+tuning, the plain forward) works on it unchanged. What the chunk adds is the decode fast path
+(``attend_pooled``): when several sessions of one chunk each bring one new token, every block writes all their
+keys and values with one indexed store and runs one attention call over the chunk's rows, instead of a dozen
+small operations per session per block. On a GPU those per-session launches, not the math, bounded a
+16-session decode step (``scripts/profile_span.py``).
+
+Capacities are rounded up to a power of two (at least ``MIN_CAPACITY``) so that sessions of similar lengths share
+chunks; a session whose rounded rows would not leave room for a second session in a chunk gets an exact,
+unshared cache instead (no batching gain is possible for it, so no memory is spent on rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+MIN_CAPACITY = 16
+"""Smallest pooled capacity in tokens: a session asking for fewer still gets this many."""
+MAX_ROWS = 32
+"""Most rows in one chunk."""
+
+
+@dataclass(eq=False)
+class CacheChunk:
+    keys: torch.Tensor  # [N, R, H_kv, capacity, Dh]
+    values: torch.Tensor
+    free: list[bool] = field(default_factory=list)
+    """Whether each row is free."""
+
+    @property
+    def rows(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def empty(self) -> bool:
+        return all(self.free)
+
+    def take(self, batch_size: int) -> int | None:
+        """The first row of ``batch_size`` consecutive free rows, now taken; None if there is no such run."""
+        run = 0
+        for row, free in enumerate(self.free):
+            run = run + 1 if free else 0
+            if run == batch_size:
+                first = row - batch_size + 1
+                self.free[first : row + 1] = [False] * batch_size
+                return first
+        return None
+
+
+class KVPool:
+    """Hands out session caches as row ranges of shared chunks (see the module docstring).
+
+    Chunks are made on demand, one set per (blocks, capacity), sized to at most ``chunk_bytes``, and freed as soon
+    as their last session leaves. Not thread-safe: the event loop allocates and releases.
+    """
+
+    def __init__(self, spec, dtype: torch.dtype, device: torch.device | str, chunk_bytes: int):
+        self.spec = spec
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.chunk_bytes = chunk_bytes
+        self.chunks: dict[tuple[int, int], list[CacheChunk]] = {}
+
+    def _row_bytes(self, num_blocks: int, capacity: int) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * num_blocks * self.spec.num_key_value_heads * self.spec.head_dim * itemsize * capacity
+
+    def rows_per_chunk(self, num_blocks: int, capacity: int) -> int:
+        return max(1, min(MAX_ROWS, self.chunk_bytes // self._row_bytes(num_blocks, capacity)))
+
+    def capacity_for(self, num_blocks: int, batch_size: int, max_length: int) -> tuple[int, bool]:
+        """The cache capacity a session gets, and whether it is pooled (else exactly ``max_length``)."""
+        capacity = max(MIN_CAPACITY, 1 << (max_length - 1).bit_length())
+        if self.rows_per_chunk(num_blocks, capacity) < 2 * batch_size:
+            return max_length, False
+        return capacity, True
+
+    def allocate(self, num_blocks: int, batch_size: int, max_length: int):
+        """A ``SpanCache`` for the session: rows of a chunk where ``capacity_for`` says pooled, else its own."""
+        from server.model.span import SpanCache  # the span module imports this one
+
+        capacity, pooled = self.capacity_for(num_blocks, batch_size, max_length)
+        if not pooled:
+            return SpanCache.allocate(self.spec, num_blocks, batch_size, capacity, self.dtype, self.device)
+        chunks = self.chunks.setdefault((num_blocks, capacity), [])
+        for chunk in chunks:
+            row = chunk.take(batch_size)
+            if row is not None:
+                break
+        else:
+            chunk = self._new_chunk(num_blocks, capacity)
+            chunks.append(chunk)
+            row = chunk.take(batch_size)
+            assert row is not None
+        rows = slice(row, row + batch_size)
+        # Rows come back dirty from earlier sessions; masked positions must hold finite numbers (0 x NaN is NaN).
+        chunk.keys[:, rows].zero_()
+        chunk.values[:, rows].zero_()
+        return SpanCache(chunk.keys[:, rows], chunk.values[:, rows], chunk=chunk, row=row)
+
+    def _new_chunk(self, num_blocks: int, capacity: int) -> CacheChunk:
+        rows = self.rows_per_chunk(num_blocks, capacity)
+        shape = (num_blocks, rows, self.spec.num_key_value_heads, capacity, self.spec.head_dim)
+        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return CacheChunk(keys, values, [True] * rows)
+
+    def release(self, cache) -> None:
+        chunk = cache.chunk
+        if chunk is None:
+            return
+        chunk.free[cache.row : cache.row + cache.batch_size] = [True] * cache.batch_size
+        if chunk.empty:
+            key = (cache.num_blocks, cache.capacity)
+            self.chunks[key] = [c for c in self.chunks.get(key, []) if c is not chunk]
+            if not self.chunks[key]:
+                del self.chunks[key]
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(c.keys.nbytes + c.values.nbytes for chunks in self.chunks.values() for c in chunks)
+
+
+@dataclass(eq=False)
+class DecodeGroup:
+    """The decode tokens of one forward whose sessions share a chunk: where they go and what each row sees."""
+
+    chunk: CacheChunk
+    rows: torch.Tensor  # long [t]: each token's chunk row
+    positions: torch.Tensor  # long [t]: each token's position
+    mask: torch.Tensor  # bool [t, 1, 1, longest]: which cached positions each token's query sees
+    tokens: torch.Tensor | None
+    """long [t]: the group's tokens among the forward's packed tokens; None when the group is all of them, in order."""
+    row_range: slice | None
+    """The rows as one ascending run (a slice of the chunk), so attention reads them without a gather; None: the
+    rows are scattered and get gathered."""
+
+
+def decode_groups(caches: list, starts: list[int], device: torch.device) -> list[DecodeGroup]:
+    """Group one-token-per-row steps of pooled sessions by chunk (caches[i] has rows at position starts[i])."""
+    by_chunk: dict[int, tuple[CacheChunk, list[int], list[int], list[int]]] = {}
+    token = 0
+    for cache, start in zip(caches, starts, strict=True):
+        chunk, rows, positions, tokens = by_chunk.setdefault(id(cache.chunk), (cache.chunk, [], [], []))
+        for r in range(cache.batch_size):
+            rows.append(cache.row + r)
+            positions.append(start)
+            tokens.append(token)
+            token += 1
+    groups = []
+    for chunk, rows, positions, tokens in by_chunk.values():
+        ends = torch.tensor(positions) + 1
+        longest = int(ends.max())
+        mask = (torch.arange(longest)[None, :] < ends[:, None])[:, None, None, :]
+        in_order = len(by_chunk) == 1 and tokens == list(range(token))
+        groups.append(
+            DecodeGroup(
+                chunk=chunk,
+                rows=torch.tensor(rows, device=device),
+                positions=torch.tensor(positions, device=device),
+                mask=mask.to(device),
+                tokens=None if in_order else torch.tensor(tokens, device=device),
+                row_range=slice(rows[0], rows[0] + len(rows))
+                if rows == list(range(rows[0], rows[0] + len(rows)))
+                else None,
+            )
+        )
+    return groups
+
+
+def attend_pooled(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[DecodeGroup], block: int, scale: float | None
+) -> torch.Tensor:
+    """Packed decode tokens of pooled sessions, block ``block`` of their chunks: q [1, H, T, Dh], k/v
+    [1, H_kv, T, Dh] -> [1, H, T, Dh]. Each group stores its tokens' keys/values and attends in one call.
+    Plain causal attention only (no sliding window, soft-capping or bias); the callers check."""
+    queries, keys, values = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H or H_kv, Dh]
+    if len(groups) == 1 and groups[0].tokens is None:
+        return _attend_group(groups[0], block, queries, keys, values, scale).transpose(0, 1).unsqueeze(0)
+    out = queries.new_empty(queries.shape)
+    for g in groups:
+        assert g.tokens is not None
+        out[g.tokens] = _attend_group(g, block, queries[g.tokens], keys[g.tokens], values[g.tokens], scale)
+    return out.transpose(0, 1).unsqueeze(0)
+
+
+def _attend_group(
+    g: DecodeGroup, block: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """q [t, H, Dh], k/v [t, H_kv, Dh] -> [t, H, Dh]."""
+    chunk_keys, chunk_values = g.chunk.keys[block], g.chunk.values[block]  # [R, H_kv, capacity, Dh]
+    chunk_keys[g.rows, :, g.positions] = k
+    chunk_values[g.rows, :, g.positions] = v
+    longest = g.mask.shape[-1]
+    if g.row_range is not None:
+        cached_k, cached_v = chunk_keys[g.row_range, :, :longest], chunk_values[g.row_range, :, :longest]
+    else:
+        cached_k, cached_v = chunk_keys[g.rows, :, :longest], chunk_values[g.rows, :, :longest]  # gathered
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), cached_k, cached_v, attn_mask=g.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    return out.squeeze(2)
