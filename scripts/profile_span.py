@@ -54,6 +54,7 @@ def main() -> None:
         help="packed decode steps: caches in a shared pool, one attention call per chunk (the server's way), or "
         "each session's own cache and attention call",
     )  # fmt: skip
+    parser.add_argument("--chunk-rows", type=int, default=32, help="rows per pooled cache chunk (sessions per chunk)")
     parser.add_argument("--cudnn-sdp", choices=["on", "off"], default="on", help="allow cuDNN's attention kernels")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -71,7 +72,8 @@ def main() -> None:
     d = spec.hidden_size
     capacity = args.context + args.steps + 16
     for n in args.sessions:
-        pool = KVPool(spec, dtype, device, chunk_bytes=2**40)  # as a server's registry does, without a budget
+        pool = KVPool(spec, dtype, device, chunk_bytes=0)  # as a server's registry does, chunks of --chunk-rows
+        pool.chunk_bytes = args.chunk_rows * pool.row_bytes(blocks, pool.capacity_for(blocks, 1, capacity)[0])
         caches = [
             pool.allocate(blocks, 1, capacity) if span.pooled_decode
             else SpanCache.allocate(spec, blocks, 1, capacity, dtype, device)

@@ -19,8 +19,8 @@ from swarm.errors import ServerBusyError
 logger = logging.getLogger(__name__)
 
 
-CHUNKS_PER_BUDGET = 8
-"""Pooled caches come in chunks of at most 1/8 of the budget. Sessions are charged for their own rows only, so
+CHUNKS_PER_BUDGET = 4
+"""Pooled caches come in chunks of at most 1/4 of the budget. Sessions are charged for their own rows only, so
 the free rows of a partly filled chunk (one per capacity in use) are memory beyond the budget."""
 
 

@@ -67,12 +67,12 @@ class KVPool:
         self.chunk_bytes = chunk_bytes
         self.chunks: dict[tuple[int, int], list[CacheChunk]] = {}
 
-    def _row_bytes(self, num_blocks: int, capacity: int) -> int:
+    def row_bytes(self, num_blocks: int, capacity: int) -> int:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return 2 * num_blocks * self.spec.num_key_value_heads * self.spec.head_dim * itemsize * capacity
 
     def rows_per_chunk(self, num_blocks: int, capacity: int) -> int:
-        return max(1, min(MAX_ROWS, self.chunk_bytes // self._row_bytes(num_blocks, capacity)))
+        return max(1, min(MAX_ROWS, self.chunk_bytes // self.row_bytes(num_blocks, capacity)))
 
     def capacity_for(self, num_blocks: int, batch_size: int, max_length: int) -> tuple[int, bool]:
         """The cache capacity a session gets, and whether it is pooled (else exactly ``max_length``)."""
@@ -129,46 +129,50 @@ class KVPool:
 
 @dataclass(eq=False)
 class DecodeGroup:
-    """The decode tokens of one forward whose sessions share a chunk: where they go and what each row sees."""
+    """Decode tokens of one forward that lie side by side and whose sessions share a chunk: where they go and what
+    each row sees."""
 
     chunk: CacheChunk
+    tokens: slice
+    """The group's tokens among the forward's packed tokens."""
     rows: torch.Tensor  # long [t]: each token's chunk row
     positions: torch.Tensor  # long [t]: each token's position
     mask: torch.Tensor  # bool [t, 1, 1, longest]: which cached positions each token's query sees
-    tokens: torch.Tensor | None
-    """long [t]: the group's tokens among the forward's packed tokens; None when the group is all of them, in order."""
     row_range: slice | None
     """The rows as one ascending run (a slice of the chunk), so attention reads them without a gather; None: the
     rows are scattered and get gathered."""
 
 
+def chunk_order(cache) -> tuple[int, int]:
+    """A sort key that puts sessions of one chunk side by side, in row order (unpooled caches first)."""
+    return (0, 0) if cache.chunk is None else (id(cache.chunk), cache.row)
+
+
 def decode_groups(caches: list, starts: list[int], device: torch.device) -> list[DecodeGroup]:
-    """Group one-token-per-row steps of pooled sessions by chunk (caches[i] has rows at position starts[i])."""
-    by_chunk: dict[int, tuple[CacheChunk, list[int], list[int], list[int]]] = {}
+    """One-token-per-row steps of pooled sessions (caches[i] has its rows at position starts[i]), grouped into
+    runs of consecutive sessions that share a chunk (``chunk_order`` makes that one run per chunk)."""
+    runs: list[tuple[CacheChunk, int, list[int], list[int]]] = []
     token = 0
     for cache, start in zip(caches, starts, strict=True):
-        chunk, rows, positions, tokens = by_chunk.setdefault(id(cache.chunk), (cache.chunk, [], [], []))
-        for r in range(cache.batch_size):
-            rows.append(cache.row + r)
-            positions.append(start)
-            tokens.append(token)
-            token += 1
+        if not runs or runs[-1][0] is not cache.chunk:
+            runs.append((cache.chunk, token, [], []))
+        _, _, rows, positions = runs[-1]
+        rows += range(cache.row, cache.row + cache.batch_size)
+        positions += [start] * cache.batch_size
+        token += cache.batch_size
     groups = []
-    for chunk, rows, positions, tokens in by_chunk.values():
+    for chunk, first, rows, positions in runs:
         ends = torch.tensor(positions) + 1
-        longest = int(ends.max())
-        mask = (torch.arange(longest)[None, :] < ends[:, None])[:, None, None, :]
-        in_order = len(by_chunk) == 1 and tokens == list(range(token))
+        mask = (torch.arange(int(ends.max()))[None, :] < ends[:, None])[:, None, None, :]
+        consecutive = rows == list(range(rows[0], rows[-1] + 1))
         groups.append(
             DecodeGroup(
                 chunk=chunk,
+                tokens=slice(first, first + len(rows)),
                 rows=torch.tensor(rows, device=device),
                 positions=torch.tensor(positions, device=device),
                 mask=mask.to(device),
-                tokens=None if in_order else torch.tensor(tokens, device=device),
-                row_range=slice(rows[0], rows[0] + len(rows))
-                if rows == list(range(rows[0], rows[0] + len(rows)))
-                else None,
+                row_range=slice(rows[0], rows[-1] + 1) if consecutive else None,
             )
         )
     return groups
@@ -181,12 +185,8 @@ def attend_pooled(
     [1, H_kv, T, Dh] -> [1, H, T, Dh]. Each group stores its tokens' keys/values and attends in one call.
     Plain causal attention only (no sliding window, soft-capping or bias); the callers check."""
     queries, keys, values = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H or H_kv, Dh]
-    if len(groups) == 1 and groups[0].tokens is None:
-        return _attend_group(groups[0], block, queries, keys, values, scale).transpose(0, 1).unsqueeze(0)
-    out = queries.new_empty(queries.shape)
-    for g in groups:
-        assert g.tokens is not None
-        out[g.tokens] = _attend_group(g, block, queries[g.tokens], keys[g.tokens], values[g.tokens], scale)
+    outs = [_attend_group(g, block, queries[g.tokens], keys[g.tokens], values[g.tokens], scale) for g in groups]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, H, Dh]
     return out.transpose(0, 1).unsqueeze(0)
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from server.model.attention import KVSlot, PackedKV
-from server.model.kv_pool import CacheChunk, decode_groups
+from server.model.kv_pool import CacheChunk, chunk_order, decode_groups
 from server.model.rotary import RotaryEmbedding
 from server.model.tuning import PackedLora, SpanTuning
 from swarm.config import ModelSpec
@@ -207,6 +207,10 @@ class BlockSpan(nn.Module):
         tuned = [st.tuning for st in steps if st.tuning is not None]
         if len(steps) == 1 or not self.packs_sessions or (tuned and not self.lora_targets):
             return [self.forward(st.hidden, st.cache, st.start_position, blocks, st.tuning) for st in steps]
+        order = sorted(range(len(steps)), key=lambda i: chunk_order(steps[i].cache))
+        if order != list(range(len(steps))):  # sessions of one chunk side by side: one attention call per chunk
+            outs = self.forward_packed([steps[i] for i in order], blocks)
+            return [out for _, out in sorted(zip(order, outs, strict=True), key=lambda pair: pair[0])]
         first, last = self._local_range(blocks)
         d = self.spec.hidden_size
         device = steps[0].hidden.device
