@@ -202,7 +202,9 @@ def _attend_group(
         cached_k, cached_v = chunk_keys[g.row_range, :, :longest], chunk_values[g.row_range, :, :longest]
     else:
         cached_k, cached_v = chunk_keys[g.rows, :, :longest], chunk_values[g.rows, :, :longest]  # gathered
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), cached_k, cached_v, attn_mask=g.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
-    return out.squeeze(2)
+    # Each kv head's query heads go as that head's query rows ([t, H_kv, H / H_kv, Dh]; they share the row's mask):
+    # grouped-query attention without ``enable_gqa``, which on CUDA left only SDPA's slow math kernel with a mask.
+    t, h, dh = q.shape
+    grouped = q.reshape(t, k.shape[1], h // k.shape[1], dh)
+    out = F.scaled_dot_product_attention(grouped, cached_k, cached_v, attn_mask=g.mask, scale=scale)
+    return out.reshape(t, h, dh)
