@@ -103,7 +103,18 @@ async def server_stats(client: SwarmClient, peer_ids: list[str]) -> list[dict]:
     for peer_id in peer_ids:
         probe = await probe_server(client.p2p, peer_id, timeout_s=10)
         assert probe.info is not None, f"server {peer_id} did not answer: {probe.error}"
-        infos.append(probe.info.model_dump(include={"max_batch_sessions_seen", "max_batch_rows_seen", "batched_steps", "batches_run", "steps_run", "batch_compute_s"}))
+        infos.append(
+            probe.info.model_dump(
+                include={
+                    "max_batch_sessions_seen",
+                    "max_batch_rows_seen",
+                    "batched_steps",
+                    "batches_run",
+                    "steps_run",
+                    "batch_compute_s",
+                }
+            )
+        )
     return infos
 
 

@@ -1,14 +1,15 @@
 """The server-wide attention-cache budget, handed out in fixed-size pages, with waiting admission control.
 
 A page is ``page_tokens`` tokens of one sequence across every hosted block (keys and values), so a session's
-reservation is ``ceil(batch x max_length x its bytes per token / page bytes)`` pages, whatever its length.
+reservation is ``ceil(batch x capacity x its bytes per token / page bytes)`` pages, whatever its length
+(``capacity``: its ``max_length``, rounded up to a power of two where its cache is pooled).
 
-Layout choice: each session keeps one contiguous cache tensor (``SpanCache``), and only the accounting is paged.
-A true page pool with per-session page tables would make every attention call gather its pages first (torch
-has no paged-attention kernel on CPU). Measured with ``scripts/bench_kv_pages.py`` (SmolLM2 shapes, one thread,
-16-token pages), gather + attend vs attend over a contiguous slice at decode: 48 vs 26 us at 128 cached tokens,
-158 vs 60 us at 512, 818 vs 265 us at 2048, i.e. 1.9x to 3.1x, per block per session per step. Freed tensors go
-back to the allocator, so reserving whole-session tensors against a page count does not fragment the budget.
+Layout choice: a session's cache is contiguous per row (its own tensor, or rows of a shared chunk of
+``server.model.kv_pool``), and only the accounting is paged. A true page pool with per-session page tables would
+make every attention call gather its pages first (torch has no paged-attention kernel on CPU). Measured with
+``scripts/bench_kv_pages.py`` (SmolLM2 shapes, one thread, 16-token pages), gather + attend vs attend over a
+contiguous slice at decode: 48 vs 26 us at 128 cached tokens, 158 vs 60 us at 512, 818 vs 265 us at 2048, i.e.
+1.9x to 3.1x, per block per session per step. Pooled sessions are charged for their rounded-up capacity.
 """
 
 from __future__ import annotations

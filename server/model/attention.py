@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from server.model.kv_pool import DecodeGroup
 from server.model.rotary import rotate
 
 if TYPE_CHECKING:
-    from server.model.span import SpanCache
+    from server.model.kv_pool import DecodeGroup, SpanCache
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Session caches carved out of shared chunks, so that concurrent decode steps attend in one call per chunk.
+"""Session attention caches (``SpanCache``), carved out of shared chunks so concurrent decode steps attend together.
 
 A chunk is one keys and one values tensor ``[num_blocks, rows, H_kv, capacity, Dh]``; a session of batch B owns
 B consecutive rows of a chunk, and its ``SpanCache`` is a view of them, so every per-session code path (prefill,
@@ -20,10 +20,69 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from server.model.attention import KVSlot
+from swarm.config import ModelSpec
+
 MIN_CAPACITY = 16
 """Smallest pooled capacity in tokens: a session asking for fewer still gets this many."""
 MAX_ROWS = 32
 """Most rows in one chunk."""
+
+
+class SpanCache:
+    """Preallocated keys and values for a run of consecutive blocks: ``[num_blocks, B, H_kv, capacity, Dh]``.
+
+    ``H_kv`` is ``spec.num_key_value_heads``: the kv heads a block caches (all heads for BLOOM).
+
+    Slot ``j`` belongs to the ``j``-th block that a forward runs (see ``BlockSpan.forward``). Positions
+    are token positions: a forward at ``start_position`` writes there and attends over
+    ``[0, start_position + S)``.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, chunk: CacheChunk | None = None, row: int = 0):
+        self.keys = keys  # [N, B, H_kv, capacity, Dh]
+        self.values = values  # [N, B, H_kv, capacity, Dh]
+        self.chunk = chunk
+        """The shared chunk these are rows ``row ..`` of (``server.model.kv_pool``); None: the cache's own tensors."""
+        self.row = row
+
+    @classmethod
+    def allocate(
+        cls,
+        spec: ModelSpec,
+        num_blocks: int,
+        batch_size: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> SpanCache:
+        shape = (num_blocks, batch_size, spec.num_key_value_heads, capacity, spec.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @staticmethod
+    def bytes_per_token(spec: ModelSpec, num_blocks: int, dtype: torch.dtype) -> int:
+        """Cache bytes one token of one sequence takes across ``num_blocks`` blocks (keys and values)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_blocks * spec.num_key_value_heads * spec.head_dim * itemsize
+
+    @property
+    def num_blocks(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def slot(self, j: int, start: int) -> KVSlot:
+        return KVSlot(key=self.keys[j], value=self.values[j], start=start)
 
 
 @dataclass(eq=False)
@@ -60,7 +119,7 @@ class KVPool:
     as their last session leaves. Not thread-safe: the event loop allocates and releases.
     """
 
-    def __init__(self, spec, dtype: torch.dtype, device: torch.device | str, chunk_bytes: int):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device | str, chunk_bytes: int):
         self.spec = spec
         self.dtype = dtype
         self.device = torch.device(device)
@@ -81,10 +140,8 @@ class KVPool:
             return max_length, False
         return capacity, True
 
-    def allocate(self, num_blocks: int, batch_size: int, max_length: int):
+    def allocate(self, num_blocks: int, batch_size: int, max_length: int) -> SpanCache:
         """A ``SpanCache`` for the session: rows of a chunk where ``capacity_for`` says pooled, else its own."""
-        from server.model.span import SpanCache  # the span module imports this one
-
         capacity, pooled = self.capacity_for(num_blocks, batch_size, max_length)
         if not pooled:
             return SpanCache.allocate(self.spec, num_blocks, batch_size, capacity, self.dtype, self.device)
@@ -111,7 +168,7 @@ class KVPool:
         values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return CacheChunk(keys, values, [True] * rows)
 
-    def release(self, cache) -> None:
+    def release(self, cache: SpanCache) -> None:
         chunk = cache.chunk
         if chunk is None:
             return
@@ -143,12 +200,12 @@ class DecodeGroup:
     rows are scattered and get gathered."""
 
 
-def chunk_order(cache) -> tuple[int, int]:
+def chunk_order(cache: SpanCache) -> tuple[int, int]:
     """A sort key that puts sessions of one chunk side by side, in row order (unpooled caches first)."""
     return (0, 0) if cache.chunk is None else (id(cache.chunk), cache.row)
 
 
-def decode_groups(caches: list, starts: list[int], device: torch.device) -> list[DecodeGroup]:
+def decode_groups(caches: list[SpanCache], starts: list[int], device: torch.device) -> list[DecodeGroup]:
     """One-token-per-row steps of pooled sessions (caches[i] has its rows at position starts[i]), grouped into
     runs of consecutive sessions that share a chunk (``chunk_order`` makes that one run per chunk)."""
     runs: list[tuple[CacheChunk, int, list[int], list[int]]] = []

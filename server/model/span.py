@@ -10,8 +10,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from server.model.attention import KVSlot, PackedKV
-from server.model.kv_pool import CacheChunk, chunk_order, decode_groups
+from server.model.attention import PackedKV
+from server.model.kv_pool import SpanCache, chunk_order, decode_groups
 from server.model.rotary import RotaryEmbedding
 from server.model.tuning import PackedLora, SpanTuning
 from swarm.config import ModelSpec
@@ -51,62 +51,6 @@ class SpanStep:
     cache: SpanCache
     start_position: int
     tuning: SpanTuning | None = None
-
-
-class SpanCache:
-    """Preallocated keys and values for a run of consecutive blocks: ``[num_blocks, B, H_kv, capacity, Dh]``.
-
-    ``H_kv`` is ``spec.num_key_value_heads``: the kv heads a block caches (all heads for BLOOM).
-
-    Slot ``j`` belongs to the ``j``-th block that a forward runs (see ``BlockSpan.forward``). Positions
-    are token positions: a forward at ``start_position`` writes there and attends over
-    ``[0, start_position + S)``.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, chunk: CacheChunk | None = None, row: int = 0):
-        self.keys = keys  # [N, B, H_kv, capacity, Dh]
-        self.values = values  # [N, B, H_kv, capacity, Dh]
-        self.chunk = chunk
-        """The shared chunk these are rows ``row ..`` of (``server.model.kv_pool``); None: the cache's own tensors."""
-        self.row = row
-
-    @classmethod
-    def allocate(
-        cls,
-        spec: ModelSpec,
-        num_blocks: int,
-        batch_size: int,
-        capacity: int,
-        dtype: torch.dtype,
-        device: torch.device | str = "cpu",
-    ) -> SpanCache:
-        shape = (num_blocks, batch_size, spec.num_key_value_heads, capacity, spec.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-
-    @staticmethod
-    def bytes_per_token(spec: ModelSpec, num_blocks: int, dtype: torch.dtype) -> int:
-        """Cache bytes one token of one sequence takes across ``num_blocks`` blocks (keys and values)."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_blocks * spec.num_key_value_heads * spec.head_dim * itemsize
-
-    @property
-    def num_blocks(self) -> int:
-        return self.keys.shape[0]
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[3]
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
-
-    def slot(self, j: int, start: int) -> KVSlot:
-        return KVSlot(key=self.keys[j], value=self.values[j], start=start)
 
 
 class BlockSpan(nn.Module):
