@@ -171,6 +171,8 @@ class KVPool:
         return CacheChunk(keys, values, [True] * rows)
 
     def release(self, cache: SpanCache) -> None:
+        """Give the session's rows back. A step of that session already running on the compute thread may still
+        write them once; that is harmless, since a new owner writes every position before attending over it."""
         chunk = cache.chunk
         if chunk is None:
             return
