@@ -75,6 +75,8 @@ class SpanBackend:
         self._pending: list[PendingStep] = []
         self._last_step: dict[str, float] = {}
         """Session id -> when its latest step arrived: who is decoding now (so worth waiting for)."""
+        self._last_batch: frozenset[str] = frozenset()
+        """Sessions of the batch that ran last: they are on their way through the rest of their route."""
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -96,6 +98,11 @@ class SpanBackend:
             self._last_step[session.session_id] = time.monotonic()
             self._wake.notify()
         return await asyncio.wrap_future(future)
+
+    def forget(self, session_id: str) -> None:
+        """The session has closed: batches stop waiting for its steps."""
+        with self._wake:
+            self._last_step.pop(session_id, None)
 
     async def forward(
         self,
@@ -173,15 +180,18 @@ class SpanBackend:
     def _wait_for_company(self) -> None:
         """Wait up to ``batch_wait_s`` for the other sessions decoding now to send their next steps.
 
-        The wait ends as soon as every recently active session has a step pending (or the batch is full), so a
-        lone session, or a group that already arrived together, never waits.
+        Expected are the recently active sessions that were not in the batch that just ran (those are still on
+        the rest of their route, and waiting for them would wait a whole round). The wait ends as soon as every
+        expected session has a step pending (or the batch is full), so a lone session, or a group that already
+        arrived together, never waits; and sessions that fell into groups keep their groups apart.
         """
         now = time.monotonic()
         deadline = now + self.limits.batch_wait_s
         horizon = now - max(1.0, 10 * self.limits.batch_wait_s)
         self._last_step = {sid: t for sid, t in self._last_step.items() if t >= horizon}
+        expected = self._last_step.keys() - self._last_batch
         while not self._stopping and self._pending_tokens() < self.limits.max_batch_tokens:
-            if len({st.session.session_id for st in self._pending}) >= len(self._last_step):
+            if expected <= {st.session.session_id for st in self._pending}:
                 return
             left = deadline - time.monotonic()
             if left <= 0:
@@ -215,6 +225,7 @@ class SpanBackend:
                 _fail(st.future, e)
             return
         self.stats.observe(len(plan), rows, time.perf_counter() - began)
+        self._last_batch = frozenset(st.session.session_id for st, _ in plan)
         finished = []
         for (st, take), out in zip(plan, outputs, strict=True):
             st.outputs.append(out)

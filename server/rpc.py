@@ -109,7 +109,8 @@ class BlockHandler:
         peer = str(context.remote_id)
         session: Session | None = None
         mailbox: Mailbox | None = None
-        registry = self.sessions  # the server may move to other blocks meanwhile; close where we opened
+        # The server may move to other blocks meanwhile: close the session where it was opened.
+        registry, backend = self.sessions, self.backend
         compression: Compression = "none"
         reader = RequestReader(requests, self.leaving)
         try:
@@ -150,6 +151,7 @@ class BlockHandler:
                 self.inbox.close(mailbox)
             if session is not None:
                 registry.close(session)
+                backend.forget(session.session_id)
 
     async def _next_request(
         self, reader: RequestReader, also: asyncio.Future | None = None

@@ -69,8 +69,8 @@ class ServerSettings(BaseSettings):
     batch_wait_ms: float = Field(
         0.0,
         ge=0,
-        description="wait up to this long for other active sessions' steps before a batch runs; ends early once "
-        "they have all arrived, so a lone session never waits (0: never wait)",
+        description="wait up to this long for the steps of other active sessions (not those of the batch that just "
+        "ran) before a batch runs; ends early once they have all arrived, so a lone session never waits (0: never)",
     )
     adapters: list[str] = Field(
         default_factory=list,

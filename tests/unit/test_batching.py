@@ -170,6 +170,28 @@ async def test_backend_batches_concurrent_steps_and_matches_lone_steps(tiny_mode
         backend.shutdown()
 
 
+async def test_batch_waits_only_for_sessions_that_are_due(tiny_models) -> None:
+    resolved = tiny_models["llama"]
+    span = BlockSpan.load(resolved, 0, 4)
+    backend = SpanBackend(span, 0, 4, torch.float32, torch.device("cpu"), BatchLimits(batch_wait_s=0.5))
+    d = resolved.spec.hidden_size
+    a, b = _session(resolved, 1, "a"), _session(resolved, 1, "b")
+
+    async def timed_step(session: Session, position: int) -> float:
+        began = asyncio.get_running_loop().time()
+        await backend.inference_step(session, torch.randn(1, 1, d), position)
+        return asyncio.get_running_loop().time() - began
+
+    try:
+        assert await timed_step(a, 0) < 0.25  # a lone session never waits
+        assert await timed_step(b, 0) < 0.25  # a just ran: it is on the rest of its route, not waited for
+        assert await timed_step(b, 1) >= 0.5  # b just ran; a is active but silent: waited for, up to the limit
+        backend.forget("a")  # a closed
+        assert await timed_step(b, 2) < 0.25
+    finally:
+        backend.shutdown()
+
+
 async def test_long_prefill_is_chunked_and_decode_steps_overtake_it(tiny_models) -> None:
     resolved = tiny_models["llama"]
     span = BlockSpan.load(resolved, 0, 4)
