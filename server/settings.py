@@ -67,7 +67,7 @@ class ServerSettings(BaseSettings):
         "(prefer the PETALS_SERVER_SWARM_SECRET environment variable: flags show in process lists)",
     )
     batch_wait_ms: float = Field(
-        0.0,
+        10.0,
         ge=0,
         description="wait up to this long for the steps of other active sessions (not those of the batch that just "
         "ran) before a batch runs; ends early once they have all arrived, so a lone session never waits (0: never)",
