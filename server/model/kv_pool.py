@@ -43,7 +43,7 @@ class SpanCache:
         self.keys = keys  # [N, B, H_kv, capacity, Dh]
         self.values = values  # [N, B, H_kv, capacity, Dh]
         self.chunk = chunk
-        """The shared chunk these are rows ``row ..`` of (``server.model.kv_pool``); None: the cache's own tensors."""
+        """The shared chunk these are rows ``row ..`` of (see ``KVPool``); None: the cache's own tensors."""
         self.row = row
 
     @classmethod
@@ -127,8 +127,8 @@ class KVPool:
         self.chunks: dict[tuple[int, int], list[CacheChunk]] = {}
 
     def row_bytes(self, num_blocks: int, capacity: int) -> int:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * num_blocks * self.spec.num_key_value_heads * self.spec.head_dim * itemsize * capacity
+        """Bytes of one chunk row (keys and values) over ``num_blocks`` blocks at ``capacity`` tokens."""
+        return SpanCache.bytes_per_token(self.spec, num_blocks, self.dtype) * capacity
 
     def rows_per_chunk(self, num_blocks: int, capacity: int) -> int:
         return max(1, min(MAX_ROWS, self.chunk_bytes // self.row_bytes(num_blocks, capacity)))
