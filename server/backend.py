@@ -73,9 +73,10 @@ class SpanBackend:
         self.limits = limits or BatchLimits()
         self.stats = BatchStats()
         self._pending: list[PendingStep] = []
-        self._arrivals: dict[str, tuple[float, float | None]] = {}
-        """Session id -> when its latest step arrived and the usual time between its steps (a moving average):
-        who is decoding now, and when each is due next (so worth waiting for)."""
+        self._last_step: dict[str, float] = {}
+        """Session id -> when its latest step arrived: who is decoding now (so worth waiting for)."""
+        self._last_batch: frozenset[str] = frozenset()
+        """Sessions of the batch that ran last: they are on their way through the rest of their route."""
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -94,22 +95,14 @@ class SpanBackend:
         with self._wake:
             self._check_running()
             self._pending.append(step)
-            self._observe_arrival(session.session_id)
+            self._last_step[session.session_id] = time.monotonic()
             self._wake.notify()
         return await asyncio.wrap_future(future)
 
     def forget(self, session_id: str) -> None:
         """The session has closed: batches stop waiting for its steps."""
         with self._wake:
-            self._arrivals.pop(session_id, None)
-
-    def _observe_arrival(self, session_id: str) -> None:
-        now = time.monotonic()
-        last, interval = self._arrivals.get(session_id, (None, None))
-        if last is not None:
-            gap = now - last
-            interval = gap if interval is None else 0.5 * interval + 0.5 * gap
-        self._arrivals[session_id] = (now, interval)
+            self._last_step.pop(session_id, None)
 
     async def forward(
         self,
@@ -187,21 +180,16 @@ class SpanBackend:
     def _wait_for_company(self) -> None:
         """Wait up to ``batch_wait_s`` for the other sessions decoding now to send their next steps.
 
-        Expected are the recently active sessions whose next step is due within the wait, judging by the usual
-        time between their steps. Sessions that just ran are still on the rest of their route, and streams that
-        fell into groups (one group per stage of the route) arrive a part of a round apart: waiting for those
-        would hold the batch for nothing. The wait ends as soon as every expected session has a step pending (or
-        the batch is full), so a lone session, or a group that already arrived together, never waits.
+        Expected are the recently active sessions that were not in the batch that just ran (those are still on
+        the rest of their route, and waiting for them would wait a whole round). The wait ends as soon as every
+        expected session has a step pending (or the batch is full), so a lone session, or a group that already
+        arrived together, never waits; and sessions that fell into groups keep their groups apart.
         """
         now = time.monotonic()
         deadline = now + self.limits.batch_wait_s
         horizon = now - max(1.0, 10 * self.limits.batch_wait_s)
-        self._arrivals = {sid: seen for sid, seen in self._arrivals.items() if seen[0] >= horizon}
-        expected = {
-            sid
-            for sid, (last, interval) in self._arrivals.items()
-            if interval is not None and last + interval <= deadline
-        }
+        self._last_step = {sid: t for sid, t in self._last_step.items() if t >= horizon}
+        expected = self._last_step.keys() - self._last_batch
         while not self._stopping and self._pending_tokens() < self.limits.max_batch_tokens:
             if expected <= {st.session.session_id for st in self._pending}:
                 return
@@ -237,6 +225,7 @@ class SpanBackend:
                 _fail(st.future, e)
             return
         self.stats.observe(len(plan), rows, time.perf_counter() - began)
+        self._last_batch = frozenset(st.session.session_id for st, _ in plan)
         finished = []
         for (st, take), out in zip(plan, outputs, strict=True):
             st.outputs.append(out)
