@@ -209,14 +209,12 @@ class SpanBackend:
         began = time.perf_counter()
         try:
             with torch.inference_mode():
-                inputs = _to_device(
-                    [st.hidden[:, st.done : st.done + take] for st, take in plan], self.device, self.dtype
-                )
+                inputs = _moved([st.hidden[:, st.done : st.done + take] for st, take in plan], self.device, self.dtype)
                 steps = [
                     SpanStep(hidden, st.session.cache, st.position + st.done, st.session.tuning)
                     for hidden, (st, _) in zip(inputs, plan, strict=True)
                 ]
-                outputs = _to_host(self.span.forward_packed(steps, self._blocks(*plan[0][0].blocks)))
+                outputs = _moved(self.span.forward_packed(steps, self._blocks(*plan[0][0].blocks)), "cpu")
         except Exception as e:
             with self._wake:
                 for st, _ in plan:
@@ -295,25 +293,18 @@ class SpanBackend:
         self._thread.join()
 
 
-def _to_device(inputs: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The batch's inputs ([B_i, S_i, D] each, on the CPU) on the compute device, as ONE host-to-device copy."""
-    if device.type == "cpu" or len(inputs) == 1:
-        return [x.to(device, dtype) for x in inputs]
-    d = inputs[0].shape[-1]
-    flat = torch.cat([x.reshape(-1, d) for x in inputs]).to(device, dtype)
-    parts = flat.split([x.shape[0] * x.shape[1] for x in inputs])
-    return [part.view(x.shape) for part, x in zip(parts, inputs, strict=True)]
-
-
-def _to_host(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The batch's outputs ([B_i, S_i, D] each) on the CPU, as ONE device-to-host copy (each copy waits for the
-    GPU; one per session added a wait per session)."""
-    if outputs[0].device.type == "cpu":
-        return outputs
-    d = outputs[0].shape[-1]
-    flat = torch.cat([out.reshape(-1, d) for out in outputs]).to("cpu")
-    parts = flat.split([out.shape[0] * out.shape[1] for out in outputs])
-    return [part.view(out.shape) for part, out in zip(parts, outputs, strict=True)]
+def _moved(
+    tensors: list[torch.Tensor], device: torch.device | str, dtype: torch.dtype | None = None
+) -> list[torch.Tensor]:
+    """A batch's tensors ([B_i, S_i, D] each) on ``device`` (in ``dtype``), as ONE copy when a GPU is on either
+    side: each host-device copy waits for the GPU, so one per session added a wait per session."""
+    device = torch.device(device)
+    if len(tensors) == 1 or (device.type == "cpu" and tensors[0].device.type == "cpu"):
+        return [x.to(device=device, dtype=dtype) for x in tensors]
+    d = tensors[0].shape[-1]
+    flat = torch.cat([x.reshape(-1, d) for x in tensors]).to(device=device, dtype=dtype)
+    parts = flat.split([x.shape[0] * x.shape[1] for x in tensors])
+    return [part.view(x.shape) for part, x in zip(parts, tensors, strict=True)]
 
 
 def _settle(future: Future[Any], fn: Callable[..., Any], *args: Any) -> None:
