@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 CHUNKS_PER_BUDGET = 4
 """Pooled caches come in chunks of at most 1/4 of the budget. Sessions are charged for their own rows only, so
-the free rows of a partly filled chunk (one per capacity in use) are memory beyond the budget."""
+the free rows of partly filled chunks are memory beyond the budget: a new session takes free rows before a new
+chunk is made, but after sessions leave several chunks of one capacity may be partly filled until they empty."""
 
 
 @dataclass
