@@ -77,6 +77,8 @@ class SpanBackend:
         """Session id -> when its latest step arrived: who is decoding now (so worth waiting for)."""
         self._last_batch: frozenset[str] = frozenset()
         """Sessions of the batch that ran last: they are on their way through the rest of their route."""
+        self._batch_of: dict[str, frozenset[str]] = {}
+        """Session id -> the sessions of the batch it last ran in: its group, which comes back in step with it."""
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -103,6 +105,7 @@ class SpanBackend:
         """The session has closed: batches stop waiting for its steps."""
         with self._wake:
             self._last_step.pop(session_id, None)
+            self._batch_of.pop(session_id, None)
 
     async def forward(
         self,
@@ -181,17 +184,21 @@ class SpanBackend:
         """Wait up to ``batch_wait_s`` for the other sessions decoding now to send their next steps.
 
         Expected are the recently active sessions that were not in the batch that just ran (those are still on
-        the rest of their route, and waiting for them would wait a whole round). The wait ends as soon as every
-        expected session has a step pending (or the batch is full), so a lone session, or a group that already
-        arrived together, never waits; and sessions that fell into groups keep their groups apart.
+        the rest of their route, and waiting for them would wait a whole round), and the rest of the group that
+        each pending session last ran with (a group comes back in step, so its first arrival does not leave
+        alone and split it). The wait ends as soon as every expected session has a step pending (or the batch is
+        full), so a lone session, or a group that already arrived together, never waits.
         """
         now = time.monotonic()
         deadline = now + self.limits.batch_wait_s
         horizon = now - max(1.0, 10 * self.limits.batch_wait_s)
         self._last_step = {sid: t for sid, t in self._last_step.items() if t >= horizon}
-        expected = self._last_step.keys() - self._last_batch
+        self._batch_of = {sid: group for sid, group in self._batch_of.items() if sid in self._last_step}
+        active = self._last_step.keys()
         while not self._stopping and self._pending_tokens() < self.limits.max_batch_tokens:
-            if expected <= {st.session.session_id for st in self._pending}:
+            pending = {st.session.session_id for st in self._pending}
+            groups = frozenset().union(*(self._batch_of.get(sid, frozenset()) for sid in pending))
+            if (active - self._last_batch) | (groups & active) <= pending:
                 return
             left = deadline - time.monotonic()
             if left <= 0:
@@ -224,6 +231,7 @@ class SpanBackend:
             return
         self.stats.observe(len(plan), rows, time.perf_counter() - began)
         self._last_batch = frozenset(st.session.session_id for st, _ in plan)
+        self._batch_of.update(dict.fromkeys(self._last_batch, self._last_batch))
         finished = []
         for (st, take), out in zip(plan, outputs, strict=True):
             st.outputs.append(out)

@@ -18,7 +18,12 @@ from tests.helpers import make_tiny_model
 NEW_TOKENS = 8
 # (batch rows, prompt length): one prompt longer than the servers' prefill chunk, one session of two rows.
 SESSIONS = [(1, 3), (1, 11), (2, 5), (1, 20), (1, 1)]
-SERVER_FLAGS = ("--batch-wait-ms", "20", "--prefill-chunk-tokens", "8")  # a short wait makes batching certain
+SERVER_FLAGS = (
+    "--batch-wait-ms",
+    "50",
+    "--prefill-chunk-tokens",
+    "8",
+)  # a wait makes batching sure, even on a busy box
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,11 @@ def servers(local_swarm, folder):
 
 
 async def make_client(local_swarm, secret: str | None, push: bool = False) -> SwarmClient:
-    config = ClientConfig(initial_peers=local_swarm.initial_peers, max_retries=0, swarm_secret=secret, push=push)
+    # No spot-check draws: a checked span's step is not pushed, which would make the push count random.
+    config = ClientConfig(
+        initial_peers=local_swarm.initial_peers, max_retries=0, swarm_secret=secret, push=push,
+        spot_check_probability=0.0,
+    )  # fmt: skip
     return await SwarmClient.create(config)
 
 

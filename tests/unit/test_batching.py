@@ -192,6 +192,32 @@ async def test_batch_waits_only_for_sessions_that_are_due(tiny_models) -> None:
         backend.shutdown()
 
 
+async def test_batch_waits_for_the_group_a_session_last_ran_with(tiny_models) -> None:
+    """Sessions that ran together come back in step: the first one back waits for the rest of its group."""
+    resolved = tiny_models["llama"]
+    span = BlockSpan.load(resolved, 0, 4)
+    backend = SpanBackend(span, 0, 4, torch.float32, torch.device("cpu"), BatchLimits(batch_wait_s=0.5))
+    d = resolved.spec.hidden_size
+    a, b = _session(resolved, 1, "a"), _session(resolved, 1, "b")
+
+    async def timed_step(session: Session, position: int, delay: float = 0.0) -> float:
+        await asyncio.sleep(delay)
+        began = asyncio.get_running_loop().time()
+        await backend.inference_step(session, torch.randn(1, 1, d), position)
+        return asyncio.get_running_loop().time() - began
+
+    try:
+        await timed_step(a, 0)
+        await timed_step(b, 0)
+        await asyncio.gather(timed_step(b, 1), timed_step(a, 1, delay=0.1))  # b waits for a: they run together
+        assert backend.stats.max_sessions == 2
+        assert await timed_step(a, 2) >= 0.5  # a is back first: it waits for b, its group, up to the limit
+        backend.forget("b")
+        assert await timed_step(a, 3) < 0.25
+    finally:
+        backend.shutdown()
+
+
 async def test_long_prefill_is_chunked_and_decode_steps_overtake_it(tiny_models) -> None:
     resolved = tiny_models["llama"]
     span = BlockSpan.load(resolved, 0, 4)
