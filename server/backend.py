@@ -162,6 +162,19 @@ class SpanBackend:
 
     # --- the compute thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # a bug here must fail the queued steps, not leave their sessions hanging
+            logger.exception("the compute thread of blocks %d:%d died", self.start, self.end)
+            with self._wake:
+                self._stopping = True
+                dropped = [st.future for st in self._pending] + [future for _, _, future in self._calls]
+                self._pending.clear()
+                self._calls.clear()
+            for future in dropped:
+                _fail(future, RuntimeError(f"the compute thread died: {e!r}"))
+
+    def _serve(self) -> None:
         while True:
             with self._wake:
                 while not (self._pending or self._calls or self._stopping):

@@ -287,3 +287,20 @@ async def test_registry_rounds_sessions_up_to_pages_and_frees_them(tiny_models) 
     registry.close(b)
     registry.close(d)
     assert registry.used_bytes == 0 and registry.tokens_left(4) == 160
+
+
+async def test_a_compute_thread_that_dies_fails_its_steps_instead_of_hanging(tiny_models, monkeypatch) -> None:
+    resolved = tiny_models["llama"]
+    span = BlockSpan.load(resolved, 0, 4)
+
+    def broken(self) -> None:
+        raise ValueError("a scheduler bug")
+
+    monkeypatch.setattr(SpanBackend, "_wait_for_company", broken)
+    backend = SpanBackend(span, 0, 4, torch.float32, torch.device("cpu"), BatchLimits(batch_wait_s=0.5))
+    d = resolved.spec.hidden_size
+    with pytest.raises(RuntimeError, match="compute thread died.*a scheduler bug"):
+        await asyncio.wait_for(backend.inference_step(_session(resolved, 1, "a"), torch.randn(1, 1, d), 0), 10)
+    with pytest.raises(RuntimeError, match="shutting down"):  # later steps are refused at once
+        await backend.inference_step(_session(resolved, 1, "b"), torch.randn(1, 1, d), 0)
+    backend.shutdown()
