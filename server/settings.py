@@ -69,8 +69,9 @@ class ServerSettings(BaseSettings):
     batch_wait_ms: float = Field(
         10.0,
         ge=0,
-        description="wait up to this long for the steps of other active sessions (not those of the batch that just "
-        "ran) before a batch runs; ends early once they have all arrived, so a lone session never waits (0: never)",
+        description="wait up to this long for the steps of other active sessions (those not in the batch that just "
+        "ran, and the rest of the group a pending session last ran with) before a batch runs; ends early once they "
+        "have all arrived, so a lone session never waits (0: never)",
     )
     adapters: list[str] = Field(
         default_factory=list,
