@@ -4,6 +4,7 @@ the compute thread's scheduler (batches concurrent steps, chunks long prefills),
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 
 import pytest
@@ -170,18 +171,25 @@ async def test_backend_batches_concurrent_steps_and_matches_lone_steps(tiny_mode
         backend.shutdown()
 
 
-async def test_batch_waits_only_for_sessions_that_are_due(tiny_models) -> None:
+def _waiting_backend(tiny_models) -> tuple[SpanBackend, Session, Session, Callable[..., Awaitable[float]]]:
+    """A backend that waits up to 0.5 s for company, two one-row sessions a and b, and a timed one-token step
+    (started after ``delay`` seconds)."""
     resolved = tiny_models["llama"]
     span = BlockSpan.load(resolved, 0, 4)
     backend = SpanBackend(span, 0, 4, torch.float32, torch.device("cpu"), BatchLimits(batch_wait_s=0.5))
     d = resolved.spec.hidden_size
-    a, b = _session(resolved, 1, "a"), _session(resolved, 1, "b")
 
-    async def timed_step(session: Session, position: int) -> float:
+    async def timed_step(session: Session, position: int, delay: float = 0.0) -> float:
+        await asyncio.sleep(delay)
         began = asyncio.get_running_loop().time()
         await backend.inference_step(session, torch.randn(1, 1, d), position)
         return asyncio.get_running_loop().time() - began
 
+    return backend, _session(resolved, 1, "a"), _session(resolved, 1, "b"), timed_step
+
+
+async def test_batch_waits_only_for_sessions_that_are_due(tiny_models) -> None:
+    backend, a, b, timed_step = _waiting_backend(tiny_models)
     try:
         assert await timed_step(a, 0) < 0.25  # a lone session never waits
         assert await timed_step(b, 0) < 0.25  # a just ran: it is on the rest of its route, not waited for
@@ -194,18 +202,7 @@ async def test_batch_waits_only_for_sessions_that_are_due(tiny_models) -> None:
 
 async def test_batch_waits_for_the_group_a_session_last_ran_with(tiny_models) -> None:
     """Sessions that ran together come back in step: the first one back waits for the rest of its group."""
-    resolved = tiny_models["llama"]
-    span = BlockSpan.load(resolved, 0, 4)
-    backend = SpanBackend(span, 0, 4, torch.float32, torch.device("cpu"), BatchLimits(batch_wait_s=0.5))
-    d = resolved.spec.hidden_size
-    a, b = _session(resolved, 1, "a"), _session(resolved, 1, "b")
-
-    async def timed_step(session: Session, position: int, delay: float = 0.0) -> float:
-        await asyncio.sleep(delay)
-        began = asyncio.get_running_loop().time()
-        await backend.inference_step(session, torch.randn(1, 1, d), position)
-        return asyncio.get_running_loop().time() - began
-
+    backend, a, b, timed_step = _waiting_backend(tiny_models)
     try:
         await timed_step(a, 0)
         await timed_step(b, 0)
