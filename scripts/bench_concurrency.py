@@ -45,8 +45,8 @@ from bench_streams import CACHE, MODEL, model_behind_gateway  # noqa: E402
 
 from server.model.attention import avoid_cudnn_attention  # noqa: E402
 from swarm.client import ClientConfig, SwarmClient  # noqa: E402
-from swarm.probe import probe_server  # noqa: E402
 from swarm.weights import resolve_model  # noqa: E402
+from tests.e2e.client_calls import server_info  # noqa: E402
 from tests.e2e.gateway_process import GatewayProcess  # noqa: E402
 from tests.e2e.harness import LocalSwarm  # noqa: E402
 
@@ -99,23 +99,9 @@ def batch_means(before: list[dict], after: list[dict]) -> list[dict]:
 
 
 async def server_stats(client: SwarmClient, peer_ids: list[str]) -> list[dict]:
-    infos = []
-    for peer_id in peer_ids:
-        probe = await probe_server(client.p2p, peer_id, timeout_s=10)
-        assert probe.info is not None, f"server {peer_id} did not answer: {probe.error}"
-        infos.append(
-            probe.info.model_dump(
-                include={
-                    "max_batch_sessions_seen",
-                    "max_batch_rows_seen",
-                    "batched_steps",
-                    "batches_run",
-                    "steps_run",
-                    "batch_compute_s",
-                }
-            )
-        )
-    return infos
+    fields = {"max_batch_sessions_seen", "max_batch_rows_seen", "batched_steps", "batches_run", "steps_run",
+              "batch_compute_s"}  # fmt: skip
+    return [(await server_info(client, peer_id)).model_dump(include=fields) for peer_id in peer_ids]
 
 
 def _proc_cpu_s(pid: int) -> float:

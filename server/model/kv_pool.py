@@ -93,10 +93,6 @@ class CacheChunk:
     """Whether each row is free."""
 
     @property
-    def rows(self) -> int:
-        return self.keys.shape[1]
-
-    @property
     def empty(self) -> bool:
         return all(self.free)
 

@@ -18,12 +18,8 @@ from tests.helpers import make_tiny_model
 NEW_TOKENS = 8
 # (batch rows, prompt length): one prompt longer than the servers' prefill chunk, one session of two rows.
 SESSIONS = [(1, 3), (1, 11), (2, 5), (1, 20), (1, 1)]
-SERVER_FLAGS = (
-    "--batch-wait-ms",
-    "50",
-    "--prefill-chunk-tokens",
-    "8",
-)  # a wait makes batching sure, even on a busy box
+# A wait makes batching sure, even on a busy machine.
+SERVER_FLAGS = ("--batch-wait-ms", "50", "--prefill-chunk-tokens", "8")
 
 
 @pytest.fixture(scope="module")

@@ -349,7 +349,7 @@ def test_sessions_with_different_adapters_share_batches(swarm, servers, folder):
         client = await SwarmClient.create(ClientConfig(initial_peers=swarm.initial_peers, max_retries=0))
         try:
             client.bans.ban(servers[2].peer_id)  # keep every session on the two servers with the adapter
-            runs = [(prompt, kind) for prompt, kind in zip(prompts, kinds, strict=True)]
+            runs = list(zip(prompts, kinds, strict=True))
             model_id = resolved.model_id
             with torch.inference_mode():
                 alone = [await greedy_session(client, head, model_id, p, NEW_TOKENS, **k) for p, k in runs]
